@@ -1,0 +1,226 @@
+"""`retrain` command line: run any stage outside Airflow, seed demo traffic, or run a whole DAG locally.
+
+    retrain seed --use-case product_intent --rows 1000 [--dirty 0.3]
+    retrain run --use-case product_intent [--param sample_limit=500 ...]   # the DAG, via dag.test()
+    retrain demo                                                            # seed if empty, then run
+    retrain prepare|collect|build|validate ...                              # one stage
+    retrain check-config                                                    # validate every use-case YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from retrain.config import REPO_ROOT, ConfigError, list_use_cases, load_use_case, state_dir
+
+log = logging.getLogger("retrain")
+
+
+def _print(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def configure_airflow_env() -> Path:
+    """Point Airflow at this repo's dags/ and a local SQLite metadata DB unless the user configured otherwise."""
+    home = Path(os.environ.setdefault("AIRFLOW_HOME", str(state_dir() / "airflow")))
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO_ROOT / "dags"))
+    os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO_ROOT / "plugins"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    return home
+
+
+def ensure_airflow_db() -> None:
+    home = configure_airflow_env()
+    marker = home / ".retrain-db-migrated"
+    if marker.exists():
+        return
+    airflow = Path(sys.executable).with_name("airflow")
+    print(f"[retrain] initialising the Airflow metadata database in {home} (first run only)", flush=True)
+    proc = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"`airflow db migrate` failed (exit {proc.returncode}); see the output above")
+    marker.write_text("ok\n")
+
+
+def run_dag(use_case: str, params: dict, *, run_id: str | None = None) -> dict:
+    """Run retrain_<use_case> in this process with dag.test(): real Airflow task execution, no scheduler."""
+    ensure_airflow_db()
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag_id = f"retrain_{use_case}"
+    bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    if bag.import_errors:
+        raise SystemExit(f"DAG files failed to import: {bag.import_errors}")
+    dag = bag.dags.get(dag_id)
+    if dag is None:
+        raise SystemExit(f"no DAG {dag_id}; known: {', '.join(sorted(bag.dags))}")
+    started = time.monotonic()
+    dag_run = dag.test(run_conf=params)
+    state = str(getattr(dag_run, "state", "unknown"))
+    result = {"dag_id": dag_id, "run_id": dag_run.run_id, "state": state, "seconds": round(time.monotonic() - started, 1)}
+    failed = [ti.task_id for ti in dag_run.get_task_instances() if str(ti.state) in ("failed", "upstream_failed")]
+    if failed:
+        result["failed_tasks"] = failed
+    return result
+
+
+def _parse_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param expects key=value, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def cmd_seed(args) -> int:
+    from retrain import db
+    from retrain.synthetic import seed_examples
+
+    uc = load_use_case(args.use_case)
+    with db.connection() as conn:
+        db.ensure_schema(conn)
+        result = seed_examples(conn, uc, args.rows, seed=args.seed, dirty=args.dirty)
+        result["total_rows"] = db.count_examples(conn, uc.name)
+    _print(result)
+    return 0
+
+
+def cmd_run(args) -> int:
+    result = run_dag(args.use_case, _parse_params(args.param))
+    _print(result)
+    return 0 if result["state"].endswith("success") else 1
+
+
+def cmd_demo(args) -> int:
+    from retrain import db
+    from retrain.synthetic import seed_examples
+
+    uc = load_use_case(args.use_case)
+    t0 = time.monotonic()
+    print(f"[demo 1/3] database: {db.database_dsn()[1]}", flush=True)
+    with db.connection() as conn:
+        db.ensure_schema(conn)
+        have = db.count_examples(conn, uc.name)
+        if have == 0:
+            print(f"[demo 2/3] seeding {args.rows} synthetic production examples for {uc.name}", flush=True)
+            seed_examples(conn, uc, args.rows, seed=args.seed)
+        else:
+            print(f"[demo 2/3] {have} production examples already in the table (delete .state/ to start over)")
+    print(f"[demo 3/3] running DAG retrain_{uc.name} with dag.test()", flush=True)
+    result = run_dag(uc.name, _parse_params(args.param))
+    from retrain.config import run_dir_for
+
+    run_dir = run_dir_for(uc.name, result["run_id"])
+    summary_file = run_dir / "summary.json"
+    print("\n==== demo summary ====")
+    print(f"DAG run     : {result['dag_id']} / {result['run_id']} -> {result['state']} in {result['seconds']}s")
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        counts = summary["counts"]
+        print(f"rows        : {counts['collected']} collected this run, {counts['rejected']} rejected, "
+              f"{counts['duplicates_removed']} duplicates removed")
+        print(f"dataset     : train={counts['train']} val={counts['val']} test={counts['test']} in {run_dir}")
+        print(f"manifest    : {summary['manifest']}")
+        print(f"Data Docs   : {summary['data_docs']}")
+    else:
+        print(f"run dir     : {run_dir}")
+        if (run_dir / "validation.json").is_file():
+            print(f"validation  : FAILED, see {run_dir / 'validation.json'} and {run_dir / 'data_docs'}")
+        if result.get("failed_tasks"):
+            print(f"failed tasks: {', '.join(result['failed_tasks'])} (the task log above says why)")
+    print("not built yet: train_candidate, evaluate, decide, deploy, backup_to_s3 (see README)")
+    print(f"total       : {time.monotonic() - t0:.0f}s")
+    return 0 if result["state"].endswith("success") else 1
+
+
+def cmd_check_config(args) -> int:
+    names = list_use_cases()
+    bad = 0
+    for name in names:
+        try:
+            load_use_case(name)
+            print(f"ok   {name}")
+        except ConfigError as exc:
+            bad += 1
+            print(f"FAIL {exc}")
+    return 1 if bad else 0
+
+
+def cmd_stage(args) -> int:
+    from retrain import pipeline
+
+    if args.command == "prepare":
+        result = pipeline.prepare_run(args.use_case, args.run_id, _parse_params(args.param))
+    else:
+        result = {"collect": pipeline.collect, "build": pipeline.build, "validate": pipeline.validate}[args.command](
+            args.run_dir
+        )
+    _print(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="retrain", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("seed", help="insert synthetic production examples")
+    p.add_argument("--use-case", required=True)
+    p.add_argument("--rows", type=int, default=1000)
+    p.add_argument("--dirty", type=float, default=0.01, help="fraction of deliberately broken rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_seed)
+
+    for name, func in (("run", cmd_run), ("demo", cmd_demo)):
+        p = sub.add_parser(name, help="run the DAG locally with dag.test()" if name == "run" else "seed + run")
+        p.add_argument("--use-case", required=(name == "run"), default="product_intent")
+        p.add_argument("--param", action="append", default=[], help="trigger parameter key=value (repeatable)")
+        if name == "demo":
+            p.add_argument("--rows", type=int, default=1000)
+            p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("prepare", help="stage 1: validate config, create run dir")
+    p.add_argument("--use-case", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--param", action="append", default=[])
+    p.set_defaults(func=cmd_stage)
+    for name in ("collect", "build", "validate"):
+        p = sub.add_parser(name, help=f"run the {name} stage on a prepared run directory")
+        p.add_argument("--run-dir", required=True)
+        p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("check-config", help="validate every use-case YAML")
+    p.set_defaults(func=cmd_check_config)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # stage errors already say what to do; don't bury them under a traceback
+        from retrain.errors import is_user_error
+
+        if is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

