@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta, timezone
 
 from psycopg2.extras import Json
@@ -65,6 +66,9 @@ def test_collect_is_incremental_and_replays_the_same_window(db_conn, tmp_path):
     assert again["replayed"] and again["rows"] == 2
     assert read(tmp_path / "b1-retry.jsonl") == rows
 
+    for row in rows:  # the collector's inlined split is the documented split_for(input_hash(...))
+        assert row["split"] == split_for(input_hash(row["input"]), 0.8, 0.1)
+
     second = collect_examples(db_conn, "product_intent", "run-2", tmp_path / "b2.jsonl")
     assert second["rows"] == 1
     assert read(tmp_path / "b2.jsonl")[0]["input"] == "new query after the first run"
@@ -105,3 +109,22 @@ def test_sql_injection_text_is_data(db_conn, tmp_path):
 def test_empty_table_collects_nothing_without_error(db_conn, tmp_path):
     res = collect_examples(db_conn, "hr_leave", "r", tmp_path / "x.jsonl")
     assert res["rows"] == 0 and res["skipped"] == {}
+
+
+def test_parallel_scrubbing_writes_the_same_file_as_serial(db_conn, tmp_path, monkeypatch):
+    from retrain import collect
+    from retrain.config import load_use_case
+    from retrain.synthetic import seed_examples
+
+    seed_examples(db_conn, load_use_case("product_intent"), 3000, seed=4)
+    serial = collect_examples(db_conn, "product_intent", "serial", tmp_path / "serial.jsonl")
+    with db_conn.cursor() as cur:  # forget the watermark so the same rows are collected again
+        cur.execute("TRUNCATE collection_watermarks, collection_runs")
+    db_conn.commit()
+    monkeypatch.setattr(collect, "PARALLEL_MIN_ROWS", 100)
+    monkeypatch.setattr(collect, "FETCH_ROWS", 500)
+    assert collect._workers_for({"from_id": 0, "to_id": 3000}) >= 1 or os.cpu_count() == 1
+    parallel = collect_examples(db_conn, "product_intent", "parallel", tmp_path / "parallel.jsonl")
+    assert (tmp_path / "serial.jsonl").read_bytes() == (tmp_path / "parallel.jsonl").read_bytes()
+    assert serial["scrubbed"] == parallel["scrubbed"] and serial["skipped"] == parallel["skipped"]
+    assert serial["scrubbed"]  # the synthetic traffic plants personal data

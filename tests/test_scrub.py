@@ -21,6 +21,11 @@ from retrain.scrub import find_pii, scrub_text, scrub_value
         ("IBAN ES91 2100 0418 4502 0005 1332 for the refund", "IBAN"),
         ("IBAN DE89370400440532013000", "IBAN"),
         ("SSN 123-45-6789", "SSN"),
+        ("SSN 123 45 6789", "SSN"),
+        ("card 4111.1111.1111.1111", "CARD"),
+        ("móvil 612 34 56 78", "PHONE"),
+        ("oficina 91 123 45 67", "PHONE"),
+        ("call 1-800-555-0199", "PHONE"),
         ("DNI 12345678Z", "NATIONAL_ID"),
     ],
 )

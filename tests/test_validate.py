@@ -249,7 +249,7 @@ def test_corrupted_dataset_fails_naming_the_expectation(tmp_path, uc, case, corr
     assert expectation in info.value.summary["failed"]
     line = next(line for line in message.splitlines() if expectation in line)
     assert evidence in line, line
-    assert "Traceback" not in message and "Data Docs: " in message and "clear build_dataset" in message
+    assert "Traceback" not in message and "Data Docs: " in message and "clear collect_examples" in message
     assert not any(name.startswith("batch:") for name in info.value.summary["failed"])
     # Docs and summary are written before raising, so the failure can be inspected.
     assert (run_dir / "data_docs" / "index.html").is_file()

@@ -67,9 +67,11 @@ def run_dag(use_case: str, params: dict, *, run_id: str | None = None) -> dict:
     dag_run = dag.test(run_conf=params)
     state = str(getattr(dag_run, "state", "unknown"))
     result = {"dag_id": dag_id, "run_id": dag_run.run_id, "state": state, "seconds": round(time.monotonic() - started, 1)}
-    failed = [ti.task_id for ti in dag_run.get_task_instances() if str(ti.state) in ("failed", "upstream_failed")]
+    states = {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
+    failed = sorted(t for t, s in states.items() if s == "failed")
     if failed:
         result["failed_tasks"] = failed
+        result["not_run"] = sorted(t for t, s in states.items() if s == "upstream_failed")
     return result
 
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_check_config)
 
     args = parser.parse_args(argv)
+    # Before anything imports Airflow (even a connection lookup does): Airflow reads AIRFLOW_HOME once, on import.
+    configure_airflow_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

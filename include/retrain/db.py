@@ -51,6 +51,13 @@ def start_embedded(datadir: Path | None = None) -> str:
     return _embedded[datadir].get_uri()
 
 
+def stop_embedded(datadir: Path) -> None:
+    """Stop the embedded server this process started in ``datadir`` (others attached to it keep it alive)."""
+    server = _embedded.pop(Path(datadir).resolve(), None)
+    if server is not None:
+        server._cleanup()  # the library's own reference-counted stop (also what its atexit hook calls)
+
+
 def _airflow_connection_dsn(conn_id: str) -> str | None:
     try:
         from airflow.sdk import Connection

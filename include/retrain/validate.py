@@ -588,5 +588,8 @@ def _failure_message(
             "rows): fix the rows named above at the source, or the rule in the use case YAML "
             f"({uc.name}.yaml: data:, output_schema) if it is wrong."
         )
-    lines.append("Then clear build_dataset and its downstream tasks to retry.")
+    lines.append(
+        "Then clear collect_examples and its downstream tasks: the retry re-reads the same id window, "
+        "with your fixes."
+    )
     return "\n".join(lines)

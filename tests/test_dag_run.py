@@ -1,0 +1,148 @@
+"""End to end: retrain_product_intent with dag.test() against a real PostgreSQL server.
+
+Month 1 on clean synthetic traffic validates; a dirty batch the month after fails validate_dataset naming the
+failed expectations, and nothing downstream runs; a retry of collect replays its window; the CLI shows errors
+as messages, not tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from retrain.config import load_use_case, run_dir_for
+from retrain.synthetic import seed_examples
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dagbag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(REPO / "dags"))
+
+
+def states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
+
+
+def test_monthly_dag_validates_then_rejects_a_dirty_batch(db_conn, dagbag):
+    uc = load_use_case("product_intent")
+    seed_examples(db_conn, uc, 600, seed=11, dirty=0.01)
+    dag = dagbag.dags["retrain_product_intent"]
+
+    run1 = dag.test(run_conf={"sample_limit": 5000})
+    assert states(run1) == dict.fromkeys(
+        ["prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset"], "success"
+    )
+    run_dir = run_dir_for("product_intent", run1.run_id)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["train"] > counts["val"] > 0 and counts["test"] > 0
+    assert counts["collected"] > 500 and 0 < counts["rejected"] < 0.05 * counts["collected"]
+    assert (run_dir / "data_docs" / "index.html").stat().st_size > 1000
+    assert json.loads((run_dir / "validation.json").read_text())["success"] is True
+    assert json.loads((run_dir / "run_config.json").read_text())["params"]["sample_limit"] == 5000
+    # No planted personal data reached any file of the run directory.
+    planted = {p for r in _planted(uc, 600, seed=11) for p in r}
+    blob = "\n".join(p.read_text(errors="replace") for p in run_dir.rglob("*.jsonl"))
+    assert planted and not [p for p in planted if p in blob]
+
+    # Next month: a batch where 30% of the rows are broken.
+    seed_examples(db_conn, uc, 300, seed=12, dirty=0.3, start=datetime.now(timezone.utc))
+    run2 = dag.test()
+    st = states(run2)
+    assert st["validate_dataset"] == "failed" and st["report_dataset"] == "upstream_failed"
+    summary = json.loads((run_dir_for("product_intent", run2.run_id) / "validation.json").read_text())
+    failed = " ".join(summary_item for summary_item in _failed_names(summary))
+    assert "batch: expect_column_values_to_be_in_set(intent_type)" in failed
+    # The frozen test set of month 1 is still entirely inside month 2's test set.
+    test1 = (run_dir / "test.jsonl").read_text().splitlines()
+    test2 = set((run_dir_for("product_intent", run2.run_id) / "test.jsonl").read_text().splitlines())
+    assert all(line in test2 for line in test1)
+
+
+def _planted(uc, n, seed):
+    from retrain.synthetic import generate_rows
+
+    return [r["pii"] for r in generate_rows(uc, n, seed=seed, dirty=0.01)]
+
+
+def _failed_names(summary: dict) -> list[str]:
+    names = summary.get("failed") or []
+    return [n if isinstance(n, str) else json.dumps(n) for n in names]
+
+
+def test_prepare_run_rejects_bad_params_naming_the_field(db_conn, dagbag):
+    dag = dagbag.dags["retrain_product_intent"]
+    with pytest.raises(Exception) as exc:  # Airflow validates typed Params before any task runs
+        dag.test(run_conf={"backend": "gpt-5"})
+    assert "backend" in str(exc.value)
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([str(Path(sys.executable).with_name("retrain")), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_errors_are_messages_not_tracebacks(db_conn, tmp_path):
+    proc = _cli("prepare", "--use-case", "nope", "--run-id", "x")
+    assert proc.returncode == 2 and "unknown use case 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("prepare", "--use-case", "product_intent", "--run-id", "x", "--param", "sample_limit=0")
+    assert proc.returncode == 2 and "sample_limit" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("build", "--run-dir", str(tmp_path))
+    assert proc.returncode == 1 and "run prepare_run first" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("check-config")
+    assert proc.returncode == 0 and proc.stdout.count("ok ") == 3
+    proc = _cli("prepare", "--use-case", "product_intent", "--run-id", "x",
+                env_extra={"RETRAIN_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    assert proc.returncode == 1 and "cannot connect to PostgreSQL from RETRAIN_DATABASE_URL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_table_fails_validation_with_a_clear_message(db_conn, tmp_path):
+    from retrain import pipeline
+    from retrain.validate import DataValidationError
+
+    run = pipeline.prepare_run("hr_leave", "empty-1", {})
+    assert pipeline.collect(run["run_dir"])["rows"] == 0
+    pipeline.build(run["run_dir"])
+    with pytest.raises(DataValidationError) as exc:
+        pipeline.validate(run["run_dir"])
+    assert "expect_table_row_count_to_be_between" in str(exc.value)
+
+
+def test_sql_injection_and_huge_inputs_pass_through_safely(db_conn):
+    from psycopg2.extras import Json
+
+    from retrain import pipeline
+
+    uc = load_use_case("product_intent")
+    seed_examples(db_conn, uc, 300, seed=5, dirty=0.0)
+    label = {"intent_type": "GIFT", "budget_tier": "economic", "category": "toys", "recipient": "son",
+             "context_tags": ["gift"], "priority_features": ["cheap"]}
+    with db_conn.cursor() as cur:
+        for text in ("'); DROP TABLE production_examples; -- regalo barato para mi hijo", "x" * 1_000_000, None):
+            cur.execute("INSERT INTO production_examples (use_case, input, model_output, feedback) "
+                        "VALUES ('product_intent', %s, %s, 'accepted')", (text, Json(label)))
+    db_conn.commit()
+    run = pipeline.prepare_run("product_intent", "inject-1", {})
+    pipeline.collect(run["run_dir"])
+    built = pipeline.build(run["run_dir"])
+    assert built["rejected_reasons"].get("input_too_long") == 1 and built["rejected_reasons"].get("empty_input") == 1
+    assert pipeline.validate(run["run_dir"])["success"]
+    lines = Path(run["run_dir"], "train.jsonl").read_text() + Path(run["run_dir"], "test.jsonl").read_text() + \
+        Path(run["run_dir"], "val.jsonl").read_text()
+    assert "DROP TABLE production_examples" in lines
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM production_examples")
+        assert cur.fetchone()[0] == 303
