@@ -12,25 +12,38 @@ One DAG per use-case file in `include/use_cases/*.yaml`. Every month (03:00 on t
    plus `manifest.json`;
 4. **validate_dataset** runs Great Expectations on the dataset and on this month's batch; Data Docs land in the
    run directory and a failure lists each failed expectation with offending values;
-5. **report_dataset** prints where everything is.
+5. **report_dataset** prints where the dataset, manifest and Data Docs are;
+6. **choose_backend** branches to **train_qlora** (TRL + PEFT + bitsandbytes in its own process, on the `gpu` queue
+   and pool; resumes from its newest checkpoint when retried) or **train_openai** (a fine-tuning job, deferred to
+   the triggerer while OpenAI trains; cost-gated; cancelled if the task is killed); `dry_run` stops before it;
+7. **register_candidate** records the candidate in the model registry (PostgreSQL);
+8. **evaluate_candidate** runs the candidate and the baseline (the production model, or the base model on a first
+   run) on the same frozen test set;
+9. **decide** applies the go/no-go thresholds (Params override the YAML), writes `decision.json` and an HTML report,
+   and branches: **deploy_model** (atomic switch of the production alias) or **reject_candidate**. A NO-GO is a
+   successful run.
 
-Stages not built yet: training, evaluation, go/no-go gate, deploy, encrypted backup (see README).
 Task bodies are one call into the `retrain` package (`include/retrain`); nothing here touches a database or a heavy
 library at parse time.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, chain, dag, task
 
 from retrain.dagspec import use_case_specs
+from retrain.notify import default_notifiers
+from retrain.runs import failure_recorder
+from retrain.train.openai_operator import OpenAIFineTuneOperator
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
     "retries": 2,
-    "retry_delay": timedelta(minutes=1),
+    # Ops can shorten it (tests use 0) without touching the DAG; not a Variable: nothing is looked up at parse time.
+    "retry_delay": timedelta(seconds=float(os.environ.get("RETRAIN_RETRY_DELAY_SECONDS", "60"))),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),
     "execution_timeout": timedelta(hours=1),
@@ -50,13 +63,20 @@ def _params(spec: dict) -> dict[str, Param]:
         "base_model": Param(
             "",
             type="string",
-            description=f"Hugging Face id, local path or OpenAI model; empty = the use case's default "
+            description=f"Hugging Face id or local path (qlora), OpenAI model (openai); empty = the use case's default "
             f"({training.get('base_model', 'smollm2-135m-instruct')})",
         ),
         "sample_limit": Param(
             None, type=["null", "integer"], minimum=1, description="collect at most this many new rows this run"
         ),
         "dry_run": Param(False, type="boolean", description="stop after the dataset is validated (no training)"),
+        "max_train_steps": Param(
+            None, type=["null", "integer"], minimum=1, description="cap optimizer steps (qlora); empty = from epochs"
+        ),
+        "max_cost_usd": Param(
+            float(training.get("max_cost_usd", 10.0)), type="number", minimum=0,
+            description="openai backend: refuse to start a fine-tuning job whose estimated cost is higher",
+        ),
         "min_score": Param(thresholds.get("min_score", 0.85), type="number", minimum=0, maximum=1),
         "min_relative_improvement": Param(
             thresholds.get("min_relative_improvement", 0.10), type="number", minimum=-1, maximum=10
@@ -79,7 +99,8 @@ def build_dag(spec: dict):
         start_date=datetime(2026, 1, 1),
         catchup=False,
         max_active_runs=1,
-        default_args=DEFAULT_ARGS,
+        # on_failure_callback fires once, after the last retry (never while up_for_retry): one alert per failure.
+        default_args={**DEFAULT_ARGS, "on_failure_callback": [*default_notifiers(), failure_recorder(use_case)]},
         params=_params(spec),
         tags=["retrain", use_case, "llm"],
         render_template_as_native_obj=True,
@@ -115,8 +136,72 @@ def build_dag(spec: dict):
 
             return summarize(run["run_dir"])
 
+        @task.branch(execution_timeout=timedelta(minutes=5))
+        def choose_backend(run: dict) -> list[str]:
+            """dry_run stops here (everything downstream is skipped); otherwise the configured backend trains."""
+            if run["dry_run"]:
+                return []
+            return ["train_openai" if run["backend"] == "openai" else "train_qlora"]
+
+        # Training holds the GPU: its own Celery queue and a pool sized to the number of GPUs.
+        @task(queue="gpu", pool="gpu", execution_timeout=timedelta(hours=12))
+        def train_qlora(run: dict, params=None) -> dict:
+            from retrain.train.launch import train_qlora
+
+            overrides = {"max_steps": params["max_train_steps"]} if params.get("max_train_steps") else None
+            result = train_qlora(run["run_dir"], extra_overrides=overrides)
+            return {k: result.get(k) for k in ("backend", "merged_path", "train_loss", "eval_loss", "steps", "seconds")}
+
+        train_openai = OpenAIFineTuneOperator(
+            task_id="train_openai",
+            run_dir="{{ ti.xcom_pull(task_ids='prepare_run')['run_dir'] }}",
+            max_cost_usd="{{ params.max_cost_usd }}",
+        )
+
+        # Joins the two training branches. It pulls the run from XCom instead of taking it as an argument: an
+        # argument would make prepare_run an upstream, and its success would satisfy the trigger rule on dry runs.
+        @task(trigger_rule="none_failed_min_one_success", execution_timeout=timedelta(minutes=5))
+        def register_candidate(ti=None) -> dict:
+            from retrain.pipeline import register_candidate
+
+            return register_candidate(ti.xcom_pull(task_ids="prepare_run")["run_dir"])
+
+        @task(execution_timeout=timedelta(hours=3))
+        def evaluate_candidate(run: dict) -> dict:
+            from retrain.pipeline import evaluate
+
+            return evaluate(run["run_dir"])
+
+        @task.branch(execution_timeout=timedelta(minutes=10))
+        def decide(run: dict) -> str:
+            """GO deploys, NO-GO rejects; both are successful runs (a NO-GO is a decision, not a failure)."""
+            from retrain.pipeline import decide
+
+            return "deploy_model" if decide(run["run_dir"])["decision"] == "GO" else "reject_candidate"
+
+        @task(execution_timeout=timedelta(minutes=30))
+        def deploy_model(run: dict, dag_run=None) -> dict:
+            from retrain.pipeline import deploy_candidate
+
+            return deploy_candidate(run["run_dir"], actor=f"airflow:{dag_run.dag_id}")
+
+        @task(execution_timeout=timedelta(minutes=5))
+        def reject_candidate(run: dict, dag_run=None) -> dict:
+            from retrain.pipeline import reject_candidate
+
+            return reject_candidate(run["run_dir"], actor=f"airflow:{dag_run.dag_id}")
+
         run = prepare_run()
-        chain(run, collect_examples(run), build_dataset(run), validate_dataset(run), report_dataset(run))
+        validated = validate_dataset(run)
+        chain(run, collect_examples(run), build_dataset(run), validated)
+        validated >> report_dataset(run)
+        branch = choose_backend(run)
+        trained = [train_qlora(run), train_openai]
+        validated >> branch >> trained
+        registered = register_candidate()
+        trained >> registered
+        decision = decide(run)
+        chain(registered, evaluate_candidate(run), decision, [deploy_model(run), reject_candidate(run)])
 
     return retrain()
 

@@ -23,10 +23,12 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
+os.environ["RETRAIN_RETRY_DELAY_SECONDS"] = "0"  # dag.test() waits out retry delays in real time
 os.environ.pop("RETRAIN_DATABASE_URL", None)
 os.environ.pop("AIRFLOW_CONN_RETRAIN_DB", None)
 
-TABLES = ("production_examples", "collection_watermarks", "collection_runs", "dataset_examples", "model_versions")
+TABLES = ("production_examples", "collection_watermarks", "collection_runs", "dataset_examples", "model_versions",
+          "model_events", "pipeline_runs")
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +68,9 @@ def airflow_db() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     airflow = Path(sys.executable).with_name("airflow")
     proc = subprocess.run([str(airflow), "db", "migrate"], capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run([str(airflow), "pools", "set", "gpu", "1", "training slots"], capture_output=True,
+                          text=True, env=os.environ.copy())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return home
 

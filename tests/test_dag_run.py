@@ -39,10 +39,16 @@ def test_monthly_dag_validates_then_rejects_a_dirty_batch(db_conn, dagbag):
     seed_examples(db_conn, uc, 600, seed=11, dirty=0.01)
     dag = dagbag.dags["retrain_product_intent"]
 
-    run1 = dag.test(run_conf={"sample_limit": 5000})
-    assert states(run1) == dict.fromkeys(
-        ["prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset"], "success"
+    run1 = dag.test(run_conf={"sample_limit": 5000, "dry_run": True})
+    st1 = states(run1)
+    assert {t: st1[t] for t in ("prepare_run", "collect_examples", "build_dataset", "validate_dataset",
+                                "report_dataset", "choose_backend")} == dict.fromkeys(
+        ["prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset", "choose_backend"],
+        "success",
     )
+    # dry_run stops before training: everything after the branch is skipped, and the run still succeeds.
+    assert {st1[t] for t in ("train_qlora", "train_openai", "register_candidate", "decide")} == {"skipped"}
+    assert str(run1.state).endswith("success")
     run_dir = run_dir_for("product_intent", run1.run_id)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     counts = manifest["counts"]
@@ -58,7 +64,7 @@ def test_monthly_dag_validates_then_rejects_a_dirty_batch(db_conn, dagbag):
 
     # Next month: a batch where 30% of the rows are broken.
     seed_examples(db_conn, uc, 300, seed=12, dirty=0.3, start=datetime.now(timezone.utc))
-    run2 = dag.test()
+    run2 = dag.test(run_conf={"dry_run": True})
     st = states(run2)
     assert st["validate_dataset"] == "failed" and st["report_dataset"] == "upstream_failed"
     summary = json.loads((run_dir_for("product_intent", run2.run_id) / "validation.json").read_text())

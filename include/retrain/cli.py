@@ -48,6 +48,12 @@ def ensure_airflow_db() -> None:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"`airflow db migrate` failed (exit {proc.returncode}); see the output above")
+    # train_qlora runs in the `gpu` pool (one slot per GPU in production; one here, where training uses the CPU).
+    proc = subprocess.run([str(airflow), "pools", "set", "gpu", "1", "training slots (one per GPU)"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-2000:])
+        raise SystemExit("`airflow pools set gpu` failed; see the output above")
     marker.write_text("ok\n")
 
 
@@ -149,6 +155,26 @@ def cmd_demo(args) -> int:
     return 0 if result["state"].endswith("success") else 1
 
 
+def cmd_rollback(args) -> int:
+    import getpass
+
+    from retrain.deploy import run_rollback
+
+    _print(run_rollback(args.use_case, to_version=args.to_version, reason=args.reason,
+                        actor=f"cli:{getpass.getuser()}"))
+    return 0
+
+
+def cmd_registry(args) -> int:
+    from retrain import db, registry
+
+    load_use_case(args.use_case)
+    with db.connection() as conn:
+        db.ensure_schema(conn)
+        _print(registry.summary(conn, args.use_case))
+    return 0
+
+
 def cmd_check_config(args) -> int:
     names = list_use_cases()
     bad = 0
@@ -204,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=f"run the {name} stage on a prepared run directory")
         p.add_argument("--run-dir", required=True)
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("rollback", help="move production back to a named or the previous model version")
+    p.add_argument("--use-case", required=True)
+    p.add_argument("--to-version", type=int, default=None)
+    p.add_argument("--reason", required=True, help="why (recorded in the registry history)")
+    p.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("registry", help="model versions and history of a use case")
+    p.add_argument("--use-case", required=True)
+    p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("check-config", help="validate every use-case YAML")
     p.set_defaults(func=cmd_check_config)

@@ -88,6 +88,7 @@ class TrainingConfig(_Strict):
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=16)
+    max_cost_usd: float = Field(10.0, ge=0, description="openai backend: default cost ceiling per job")
 
     @model_validator(mode="after")
     def _qlora_needs_4bit(self) -> TrainingConfig:
@@ -245,6 +246,8 @@ class RunParams(_Strict):
     base_model: str | None = None
     sample_limit: int | None = Field(None, ge=1, description="collect at most this many new rows this run")
     dry_run: bool = False
+    max_train_steps: int | None = Field(None, ge=1, description="cap optimizer steps of the qlora trainer")
+    max_cost_usd: float | None = Field(None, ge=0, description="openai backend: refuse jobs estimated above this")
     min_score: float | None = Field(None, ge=0, le=1)
     min_relative_improvement: float | None = Field(None, ge=-1, le=10)
     max_p95_latency_regression: float | None = Field(None, ge=0)

@@ -27,6 +27,31 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def _recorded(stage: str, fields=None):
+    """Record the stage's duration (and what ``fields(result)`` picks from its result) in pipeline_runs."""
+    import functools
+
+    def wrap(func):
+        @functools.wraps(func)
+        def inner(run_dir, *args, **kwargs):
+            from retrain.runs import timed_stage
+
+            with timed_stage(run_dir, stage) as rec:
+                result = func(run_dir, *args, **kwargs)
+                if fields is not None:
+                    rec.update(fields(result))
+            return result
+
+        return inner
+
+    return wrap
+
+
+def _jsonable(data: Any) -> Any:
+    """Registry rows carry datetimes: make them XCom-safe."""
+    return json.loads(json.dumps(data, default=str))
+
+
 def load_run(run_dir: str | Path) -> tuple[UseCase, dict]:
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG
@@ -43,9 +68,13 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
     uc = apply_params(uc, run_params)
     run_dir = run_dir_for(uc.name, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from retrain.runs import record_stage
+
     with db.connection() as conn:
         db.ensure_schema(conn)
         available = db.count_examples(conn, uc.name)
+        record_stage(conn, use_case=uc.name, run_id=run_id, stage="prepare_run", seconds=None, status="running",
+                     run_dir=str(run_dir))
     _write_json(
         run_dir / RUN_CONFIG,
         {
@@ -65,6 +94,7 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
     }
 
 
+@_recorded("collect_examples", lambda r: {"rows_collected": r["rows"]})
 def collect(run_dir: str | Path) -> dict:
     from retrain.collect import collect_examples
 
@@ -83,6 +113,7 @@ def collect(run_dir: str | Path) -> dict:
     return {k: result[k] for k in ("rows", "skipped", "replayed")}
 
 
+@_recorded("build_dataset", lambda r: {"rows_rejected": r["counts"]["rejected"]})
 def build(run_dir: str | Path) -> dict:
     from retrain.dataset import build_dataset
 
@@ -91,6 +122,7 @@ def build(run_dir: str | Path) -> dict:
         return build_dataset(conn, uc, meta["run_id"], Path(run_dir))
 
 
+@_recorded("validate_dataset", lambda r: {"validation": {k: r[k] for k in ("success", "failed", "expectations")}})
 def validate(run_dir: str | Path) -> dict:
     from retrain.validate import validate_dataset
 
@@ -112,4 +144,150 @@ def summarize(run_dir: str | Path) -> dict:
         "validation_success": validation.get("success"),
     }
     _write_json(run_dir / "summary.json", summary)
+    _, meta = load_run(run_dir)
+    if meta["params"].get("dry_run"):
+        from retrain.runs import record_run_stage
+
+        record_run_stage(run_dir, "report_dataset", None, status="dry_run")
     return summary
+
+
+# --- training, evaluation, gate, deploy ----------------------------------------------------------------------
+
+
+def _candidate_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "candidate"
+
+
+def _train_result(run_dir: str | Path) -> dict:
+    path = _candidate_dir(run_dir) / "train_result.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the training stage has not finished for this run")
+    return json.loads(path.read_text())
+
+
+def choose_backend(run_dir: str | Path) -> str:
+    """Which training task runs: the configured backend (YAML default, overridable by the `backend` Param)."""
+    uc, _ = load_run(run_dir)
+    return uc.training.backend
+
+
+@_recorded("register_candidate", lambda r: {"model_version": r["version"]})
+def register_candidate(run_dir: str | Path) -> dict:
+    """Record the trained candidate in the model registry (idempotent per run)."""
+    from retrain import registry
+
+    uc, meta = load_run(run_dir)
+    with db.connection() as conn:
+        db.ensure_schema(conn)
+        row = registry.register_from_train_result(
+            conn, use_case=uc.name, run_id=meta["run_id"], train_result=_train_result(run_dir)
+        )
+    _write_json(_candidate_dir(run_dir) / "registered.json", {"version": row["version"]})
+    return {"version": row["version"], "artifact": row["artifact"]}
+
+
+def candidate_spec(train_result: dict) -> dict:
+    if train_result["backend"] == "openai":
+        return {"kind": "openai", "model": train_result["model_id"], "base_url": train_result.get("base_url"),
+                "label": "candidate"}
+    return {"kind": "hf", "path": train_result["merged_path"], "label": "candidate"}
+
+
+@_recorded("evaluate_candidate")
+def evaluate(run_dir: str | Path) -> dict:
+    """Candidate and baseline (production model, or the base model on a first run) answer the same frozen test set."""
+    from retrain import inference, metrics, registry
+
+    run_dir = Path(run_dir)
+    uc, _ = load_run(run_dir)
+    with db.connection() as conn:
+        db.ensure_schema(conn)
+        baseline = registry.baseline_spec(conn, uc)
+    candidate = candidate_spec(_train_result(run_dir))
+    inputs, references = metrics.load_test_set(uc, run_dir / "test.jsonl")
+    conversations = [
+        [{"role": "system", "content": uc.system_prompt}, {"role": "user", "content": uc.render_input(text)}]
+        for text in inputs
+    ]
+    out = run_dir / "evaluation"
+    out.mkdir(exist_ok=True)
+    scores = {}
+    for name, spec in (("baseline", baseline), ("candidate", candidate)):
+        log.info("evaluating %s model %s on %d test examples", name, spec.get("path") or spec.get("model"), len(inputs))
+        results, stats = inference.predict(spec, conversations, uc)
+        with open(out / f"predictions_{name}.jsonl", "w", encoding="utf-8") as fh:
+            for text, result in zip(inputs, results):
+                fh.write(json.dumps({"input": text, **result}, ensure_ascii=False) + "\n")
+        scores[name] = metrics.score_predictions(uc, references, results, inputs=inputs, wall_seconds=stats["seconds"])
+        log.info("%s: primary score %.3f, json validity %.3f, p95 latency %.3fs", name,
+                 scores[name]["aggregate"]["primary_score"], scores[name]["aggregate"]["json_validity"],
+                 stats.get("p95") or 0.0)
+    comparison = metrics.compare(uc, scores["baseline"], scores["candidate"])
+    metrics.write_metrics(run_dir, scores["baseline"], scores["candidate"], comparison)
+    _write_json(out / "models.json", {"baseline": baseline, "candidate": candidate})
+    return {
+        "baseline_kind": baseline["baseline_kind"],
+        "baseline_score": scores["baseline"]["aggregate"]["primary_score"],
+        "candidate_score": scores["candidate"]["aggregate"]["primary_score"],
+        "test_examples": len(inputs),
+    }
+
+
+def _labels(models: dict) -> dict:
+    def name(spec: dict) -> str:
+        return str(spec.get("model") or spec.get("path"))
+
+    kind = models["baseline"].get("baseline_kind", "base_model").replace("_", " ")
+    return {"baseline": f"baseline ({kind}: {Path(name(models['baseline'])).name})",
+            "candidate": f"candidate ({Path(name(models['candidate'])).name})"}
+
+
+def decide(run_dir: str | Path) -> dict:
+    """Apply the go/no-go thresholds, write decision.json and the report, record the decision in the registry."""
+    from retrain import gate, registry
+
+    run_dir = Path(run_dir)
+    uc, _ = load_run(run_dir)
+    models = json.loads((run_dir / "evaluation" / "models.json").read_text())
+    out = gate.decide_run(run_dir, uc, baseline_kind=models["baseline"]["baseline_kind"], labels=_labels(models))
+    version = json.loads((_candidate_dir(run_dir) / "registered.json").read_text())["version"]
+    with db.connection() as conn:
+        registry.record_decision(
+            conn, use_case=uc.name, version=version,
+            metrics=json.loads((run_dir / "evaluation" / "metrics.json").read_text())["comparison"]["metrics"],
+            decision=json.loads((run_dir / "decision.json").read_text()),
+        )
+    from retrain.runs import decision_fields, record_run_stage
+
+    record_run_stage(run_dir, "decide", None, model_version=version,
+                     metrics=json.loads((run_dir / "evaluation" / "metrics.json").read_text())["comparison"]["metrics"],
+                     **decision_fields(json.loads((run_dir / "decision.json").read_text())))
+    log.info("go/no-go for %s v%s:\n%s\nreport: %s", uc.name, version, out["text"], out["report_html"])
+    return {k: out[k] for k in ("decision", "summary", "candidate_score", "baseline_score", "report_html")} | {
+        "version": version
+    }
+
+
+@_recorded("deploy_model", lambda r: {"status": "success"})
+def deploy_candidate(run_dir: str | Path, actor: str) -> dict:
+    from retrain import deploy
+
+    uc, meta = load_run(run_dir)
+    version = json.loads((_candidate_dir(run_dir) / "registered.json").read_text())["version"]
+    decision = json.loads((Path(run_dir) / "decision.json").read_text())
+    with db.connection() as conn:
+        return _jsonable(deploy.deploy(conn, use_case=uc.name, version=version, actor=actor,
+                                       reason=decision["summary"], run_id=meta["run_id"]))
+
+
+@_recorded("reject_candidate", lambda r: {"status": "no_go"})
+def reject_candidate(run_dir: str | Path, actor: str) -> dict:
+    from retrain import registry
+
+    uc, meta = load_run(run_dir)
+    version = json.loads((_candidate_dir(run_dir) / "registered.json").read_text())["version"]
+    decision = json.loads((Path(run_dir) / "decision.json").read_text())
+    with db.connection() as conn:
+        return _jsonable(registry.reject(conn, use_case=uc.name, version=version, actor=actor,
+                                         reason=decision["summary"], run_id=meta["run_id"]))

@@ -73,3 +73,46 @@ CREATE TABLE IF NOT EXISTS model_versions (
 -- At most one production model per use case, enforced by the database rather than by code.
 CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_production
     ON model_versions (use_case) WHERE status = 'production';
+
+-- Registry history: every registration, decision, promotion, rejection and rollback, with who and why.
+CREATE TABLE IF NOT EXISTS model_events (
+    id          BIGSERIAL PRIMARY KEY,
+    use_case    TEXT        NOT NULL,
+    version     INTEGER     NOT NULL,
+    action      TEXT        NOT NULL CHECK (action IN ('register', 'decide', 'promote', 'reject', 'rollback')),
+    from_status TEXT,
+    to_status   TEXT        NOT NULL,
+    actor       TEXT        NOT NULL,
+    reason      TEXT        NOT NULL DEFAULT '',
+    run_id      TEXT,
+    details     JSONB       NOT NULL DEFAULT '{}'::jsonb,
+    at          TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS model_events_use_case_idx ON model_events (use_case, id);
+-- A retried training task registers its run again: one version per (use case, run), enforced by the database.
+CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_per_run
+    ON model_versions (use_case, run_id) WHERE run_id IS NOT NULL;
+
+-- One row per DAG run: stage durations, rows, validation, metrics, decision, backup (the UI page reads it).
+-- One row per DAG run of a use case: what each stage took and what it found (written by retrain.runs).
+CREATE TABLE IF NOT EXISTS pipeline_runs (
+    use_case         TEXT        NOT NULL,
+    run_id           TEXT        NOT NULL,
+    status           TEXT        NOT NULL DEFAULT 'running',
+    run_dir          TEXT,
+    stages           JSONB       NOT NULL DEFAULT '{}'::jsonb,   -- {stage: seconds}, last attempt wins
+    stage_order      TEXT[]      NOT NULL DEFAULT '{}',          -- stages in the order they first finished
+    rows_collected   INTEGER,
+    rows_rejected    INTEGER,
+    validation       JSONB,                                      -- {"success": bool, "failed": [...], ...}
+    metrics          JSONB,                                      -- {"baseline": {...}, "candidate": {...}}
+    decision         TEXT,                                       -- GO | NO-GO
+    decision_reasons JSONB,                                      -- ["one line per failed/decisive check", ...]
+    model_version    INTEGER,
+    backup_id        TEXT,
+    error            TEXT,
+    started_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (use_case, run_id)
+);
+CREATE INDEX IF NOT EXISTS pipeline_runs_recent_idx ON pipeline_runs (started_at DESC);

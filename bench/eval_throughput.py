@@ -1,0 +1,118 @@
+"""Batched evaluation (retrain.inference) vs a per-example `generate` loop: same model, same inputs, same outputs.
+
+The model is the real SmolLM2-135M-Instruct (the platform's default base model, i.e. the first run's baseline);
+the inputs are product_intent-like test conversations built from retrain.synthetic (system prompt + rendered
+user message, as in test.jsonl). Both sides use greedy decoding and the same stop rule (EOS, or the first JSON
+object closing) and the same token budget; the per-example side calls `model.generate` once per conversation
+with no padding. The script checks the two produce the same tokens for every example, then prints both timings
+and the speed ratio. Target: >= 4x.
+
+    .venv/bin/python bench/eval_throughput.py [--examples 64] [--batch-size 16] [--max-new-tokens 96]
+
+--max-new-tokens defaults to 96, about the longest real product_intent answer (93 SmolLM2 tokens): a fine-tuned
+candidate stops there, while the untuned base model often rambles in prose until the budget, and the full
+schema budget (max_new_tokens_for: 336 here) makes the per-example side take ~20 minutes on 2 CPU cores.
+Pass --max-new-tokens 0 to use the schema budget anyway. Exit status: 0 if outputs match and the ratio meets
+--target, 1 otherwise. Prints one JSON summary line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "include"))
+
+
+def build_conversations(use_case: str, n: int, seed: int) -> list[list[dict]]:
+    from retrain.config import load_use_case
+    from retrain.synthetic import generate_rows
+
+    uc = load_use_case(use_case)
+    seen, convs = set(), []
+    # Clean rows only, distinct inputs (the frozen test set is deduplicated too).
+    for row in generate_rows(uc, n * 4, seed=seed, dirty=0):
+        if row["input"] in seen:
+            continue
+        seen.add(row["input"])
+        convs.append([{"role": "system", "content": uc.system_prompt},
+                      {"role": "user", "content": uc.render_input(row["input"])}])
+        if len(convs) == n:
+            break
+    return convs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="0 = the use case's schema budget")
+    ap.add_argument("--use-case", default="product_intent")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="base model name, path or hub id")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--target", type=float, default=4.0)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every batch")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+
+    import torch
+
+    from retrain.config import load_use_case
+    from retrain.inference import make_engine, max_new_tokens_for
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    uc = load_use_case(args.use_case)
+    max_new = args.max_new_tokens or max_new_tokens_for(uc)
+    convs = build_conversations(args.use_case, args.examples, args.seed)
+
+    t0 = time.perf_counter()
+    engine = make_engine({"kind": "hf", "path": args.model, "label": "bench"}, batch_size=args.batch_size)
+    load_s = time.perf_counter() - t0
+    prompt_lens = [len(engine.prompt_ids(c)) for c in convs]
+    print(f"model {engine.source} loaded in {load_s:.1f} s; {len(convs)} {args.use_case} conversations, "
+          f"prompt tokens {min(prompt_lens)}-{max(prompt_lens)}, max_new_tokens {max_new}, "
+          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}",
+          flush=True)
+    engine.generate_ids(convs[:2], max_new_tokens=4)  # warm-up: first-call allocations and lazy init
+
+    t0 = time.perf_counter()
+    batched, batches = engine.generate_ids(convs, max_new_tokens=max_new)
+    batched_s = time.perf_counter() - t0
+    print(f"batched:     {batched_s:8.1f} s  ({len(convs) / batched_s:.2f} examples/s, {len(batches)} batches)",
+          flush=True)
+
+    # The loop a straightforward evaluation script would write: one generate call per conversation.
+    t0 = time.perf_counter()
+    single, _ = engine.generate_ids(convs, max_new_tokens=max_new, batch_size=1)
+    single_s = time.perf_counter() - t0
+    print(f"per-example: {single_s:8.1f} s  ({len(convs) / single_s:.2f} examples/s)", flush=True)
+
+    mismatched = [i for i, (a, b) in enumerate(zip(batched, single)) if a != b]
+    for i in mismatched[:5]:
+        print(f"  MISMATCH example {i}:\n    batched:     {engine.decode(batched[i])!r}\n"
+              f"    per-example: {engine.decode(single[i])!r}")
+    ratio = single_s / batched_s
+    new_tokens = [len(g) for g in batched]
+    stopped_json = sum(engine.decode(g).rstrip().endswith("}") for g in batched)
+    print(f"same greedy outputs: {len(convs) - len(mismatched)}/{len(convs)}; generated tokens "
+          f"mean {sum(new_tokens) / len(new_tokens):.0f}, max {max(new_tokens)}; {stopped_json} answers ended "
+          f"with a closed JSON object")
+    ok = not mismatched and ratio >= args.target
+    print(f"speed ratio (per-example / batched): {ratio:.2f}x  (target >= {args.target:g}x) -> "
+          f"{'OK' if ok else 'FAILED'}")
+    print(json.dumps({"examples": len(convs), "batch_size": args.batch_size, "max_new_tokens": max_new,
+                      "batched_s": round(batched_s, 2), "per_example_s": round(single_s, 2),
+                      "ratio": round(ratio, 2), "mismatches": len(mismatched), "ok": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

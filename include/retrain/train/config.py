@@ -1,0 +1,191 @@
+"""Typed LoRA / QLoRA hyper-parameters for one training run (``TrainingSpec``).
+
+The spec is derived, in this order of precedence, from: the use case's ``training`` block (YAML, possibly
+overridden by the DAG's Params), ``run_dir/train_overrides.json`` (a hand-written file or what an operator
+drops in before a retry), and the ``extra_overrides`` the Airflow task passes. It is validated here, in the
+Airflow worker, before any process is launched, so a typo fails in a second with the field's name instead of
+after a model load. This module imports only pydantic: it is safe to import from a DAG file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OVERRIDES_FILE = "train_overrides.json"
+
+# Fields of the lead's ``config.TrainingConfig`` that map 1:1 onto the spec. The rest of TrainingConfig
+# (backend, base_model, openai_base_model) selects *which* trainer runs, not how it trains.
+_FROM_USE_CASE = ("adapter", "load_in_4bit", "epochs", "learning_rate", "batch_size", "max_length")
+
+
+class TrainingSpecError(ValueError):
+    """The training hyper-parameters are invalid; the message names each bad field and what to change."""
+
+
+class TrainingSpec(BaseModel):
+    """Everything the trainer needs to know besides the data and the base model."""
+
+    # Unknown keys are typos ("lora_rank" for "lora_r"): reject them by name.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- what is trained -----------------------------------------------------------------------------
+    adapter: Literal["qlora", "lora"] = "qlora"
+    load_in_4bit: bool | None = Field(
+        None, description="quantise the frozen base to 4 bit; None follows the adapter (qlora: yes, lora: no)"
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or 'all-linear' (every linear layer but the LM head)"
+    )
+
+    # --- optimisation ----------------------------------------------------------------------------------
+    # 1e-3 rather than the usual 2e-4: measured on SmolLM2-135M, product_intent, batch 8 (see the module
+    # docstring of retrain.train.qlora) -- 2e-4 needs ~3x the steps for the same validation loss.
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (fewer if the epochs end first)")
+    batch_size: int = Field(8, ge=1, description="examples per device per forward pass")
+    eval_batch_size: int | None = Field(None, ge=1, description="None = batch_size")
+    grad_accum: int = Field(1, ge=1, description="forward passes per optimiser step")
+    max_length: int = Field(512, ge=16, description="tokens per example (prompt + completion); longer ones are cut")
+    gradient_checkpointing: bool | None = Field(
+        None, description="trade compute for memory; None = on for CUDA, off on CPU (memory is not the limit there)"
+    )
+    seed: int = 42
+
+    # --- evaluation, checkpoints, early stopping -------------------------------------------------------
+    eval_steps: int = Field(20, ge=1)
+    save_steps: int = Field(20, ge=1)
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk (the best one is always kept)")
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="evaluations without a better validation loss before stopping; None disables"
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    logging_steps: int = Field(5, ge=1)
+
+    # --- throughput ------------------------------------------------------------------------------------
+    group_by_length: bool = Field(True, description="batch examples of similar length to cut padding")
+    padding_free: bool = Field(
+        False, description="flatten each batch into one sequence (no padding); best with FlashAttention on CUDA"
+    )
+    packing: bool = Field(False, description="pack several examples into max_length blocks (implies padding-free)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one module (e.g. [q_proj, v_proj]) or be 'all-linear'")
+            if "lm_head" in v:
+                raise ValueError("lm_head cannot carry an adapter (TRL computes the loss from its weight directly)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainingSpec:
+        if self.adapter == "qlora" and self.load_in_4bit is False:
+            raise ValueError("adapter 'qlora' requires load_in_4bit: true (use adapter 'lora' for full precision)")
+        if self.adapter == "lora" and self.load_in_4bit is True:
+            raise ValueError(
+                "adapter 'lora' trains on a full-precision base, but load_in_4bit is true: "
+                "use adapter 'qlora' for a 4-bit base, or set load_in_4bit: false"
+            )
+        if self.early_stopping_patience is not None and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) when early "
+                "stopping is on (the best checkpoint must be an evaluated one); or set early_stopping_patience: null"
+            )
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.adapter == "qlora" if self.load_in_4bit is None else self.load_in_4bit
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change what training computes: a checkpoint from another spec is not resumed."""
+        # Fields that only change when evaluation/logging happens or how many checkpoints are kept do not
+        # invalidate a checkpoint.
+        neutral = {"save_total_limit", "logging_steps", "early_stopping_patience", "early_stopping_threshold",
+                   "eval_batch_size"}
+        data = {k: v for k, v in self.model_dump(mode="json").items() if k not in neutral}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(cross-field rule)"
+        msg = "unknown field (check the spelling against TrainingSpec)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  - {loc}: {msg}")
+    lines.append("Fix the use case's training block, run_dir/train_overrides.json or the task's overrides and retry.")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict[str, Any], source: str = "training spec") -> TrainingSpec:
+    if not isinstance(data, dict):
+        raise TrainingSpecError(f"{source} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return TrainingSpec.model_validate(data)
+    except ValidationError as exc:
+        raise TrainingSpecError(_format(exc, source)) from None
+
+
+def spec_from_use_case(training: Any, overrides: dict[str, Any] | None = None) -> TrainingSpec:
+    """Spec from a use case's ``training`` block (the lead's TrainingConfig) plus overrides.
+
+    Any TrainingSpec field the TrainingConfig grows later is picked up automatically, so the YAML becomes the
+    place to set them without touching this function.
+    """
+    overrides = dict(overrides or {})
+    data: dict[str, Any] = {}
+    for name in TrainingSpec.model_fields:
+        if name in _FROM_USE_CASE or hasattr(training, name):
+            value = getattr(training, name, None)
+            if value is not None:
+                data[name] = value
+    data.update(overrides)
+    # TrainingConfig's load_in_4bit defaults to true and must be true for qlora, so for 'lora' it carries no
+    # information (true = the untouched default, false = what lora does anyway); only an override may set it.
+    if data.get("adapter") == "lora" and "load_in_4bit" not in overrides:
+        data.pop("load_in_4bit", None)
+    return parse_spec(data, "training spec (use case training block + overrides)")
+
+
+def read_overrides_file(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / OVERRIDES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainingSpecError(f"{path} is not valid JSON ({exc}); fix or delete it and retry") from None
+    if not isinstance(data, dict):
+        raise TrainingSpecError(f"{path} must hold a JSON object of TrainingSpec fields, got {type(data).__name__}")
+    return data
+
+
+def spec_for_run(run_dir: str | Path, extra_overrides: dict[str, Any] | None = None) -> TrainingSpec:
+    """The effective spec of a prepared run directory: use case + train_overrides.json + extra_overrides."""
+    from retrain.pipeline import load_run
+
+    uc, _ = load_run(run_dir)
+    overrides = {**read_overrides_file(run_dir), **(extra_overrides or {})}
+    return spec_from_use_case(uc.training, overrides)
+
+
+def compute_dtype_name(cuda: bool) -> str:
+    # bf16 compute is the QLoRA recipe on GPUs; on CPU it diverged here (nf4, loss 3.1 -> 6.6) while float32
+    # learned, and CPUs gain little from bf16 anyway.
+    return "bfloat16" if cuda else "float32"

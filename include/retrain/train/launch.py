@@ -1,0 +1,202 @@
+"""Launch the QLoRA trainer as its own process and stream its progress into the caller's log.
+
+This is what the Airflow ``train_candidate`` task calls (on ``queue="gpu"``, ``pool="gpu"``). The trainer runs
+out of process so that GPU memory is returned to the worker when it exits (there is no reliable way to free
+it inside a long-lived Python process), a native crash (CUDA, bitsandbytes) fails the task instead of the
+worker, and several GPUs can be used through ``accelerate launch``. Killing the task kills the trainer; the
+next try resumes from the newest complete checkpoint in ``run_dir/candidate/checkpoints``.
+
+Only the standard library and pydantic are imported here: DAG files import this module.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "train_result.json"
+STDERR_TAIL_LINES = 60
+
+
+class TrainingFailed(RuntimeError):
+    """The trainer process exited with an error; the message carries the tail of its stderr."""
+
+
+def visible_gpus() -> int:
+    """GPUs this task may use, without importing torch (which would also initialise CUDA in the worker)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+        return len(ids)
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_command(run_dir: Path, overrides: dict | None, *, processes: int | None = None) -> tuple[list[str], int]:
+    """(argv, process count) for the trainer.
+
+    One process: ``python -m retrain.train.qlora``. Several (more than one GPU visible, or
+    RETRAIN_TRAIN_PROCESSES > 1): ``accelerate launch --multi_gpu --num_processes N``, which runs torchrun; on a
+    machine without CUDA the processes train on the CPU over gloo. (``accelerate launch --cpu --num_processes N``
+    would start a single process: accelerate 1.x only fans out CPU training through mpirun.)
+    """
+    gpus = visible_gpus()
+    n = processes or int(os.environ.get("RETRAIN_TRAIN_PROCESSES", "0") or 0) or max(gpus, 1)
+    script = ["-m", "retrain.train.qlora", "--run-dir", str(run_dir), "--resume", "auto"]
+    if overrides:
+        script += ["--overrides", json.dumps(overrides)]
+    if n <= 1:
+        return [sys.executable, *script], 1
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
+        "--mixed_precision", "no",  # the trainer picks bf16 on CUDA itself
+        "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+    ]
+    if not gpus:
+        cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
+    return cmd + script, n
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    log.warning("stopping the trainer (pid %d)", proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
+    """Fine-tune the candidate of a prepared run directory in a separate process; returns train_result.json.
+
+    ``extra_overrides`` are TrainingSpec fields (e.g. from the DAG's Params) applied on top of the use case's
+    training block and ``run_dir/train_overrides.json``. They are validated here, before anything starts.
+    If the run directory already holds a finished result for the same settings, it is returned as is (a task
+    retried after training succeeded does not train again). Raises TrainingFailed (a RuntimeError) with the
+    tail of the trainer's stderr when the trainer fails; the full output is in candidate/trainer.log.
+    """
+    from retrain.train.config import spec_for_run
+
+    run_dir_path = Path(run_dir).resolve()
+    spec = spec_for_run(run_dir_path, extra_overrides)  # fails fast, naming the bad field
+    out = run_dir_path / "candidate"
+    result_path = out / RESULT_FILE
+    if result_path.is_file():
+        try:
+            previous = json.loads(result_path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if previous.get("spec_fingerprint") == spec.fingerprint() and Path(previous.get("merged_path", "")).is_dir():
+            log.info("training already finished for these settings: reusing %s", result_path)
+            return previous
+    out.mkdir(parents=True, exist_ok=True)
+
+    cmd, processes = trainer_command(run_dir_path, extra_overrides)
+    env = os.environ.copy()
+    env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they happen, not when a buffer fills
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.info("launching the trainer (%d process%s): %s", processes, "" if processes == 1 else "es", " ".join(cmd))
+
+    trainer_log = out / "trainer.log"
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    started = time.time()
+    with open(trainer_log, "a", encoding="utf-8") as log_file:
+        log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log_file.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+            cwd=str(run_dir_path),
+        )
+        (out / "trainer.pid").write_text(str(proc.pid))
+        lock = threading.Lock()
+
+        def pump_stderr() -> None:
+            # Warnings and tracebacks: kept whole in trainer.log, the tail goes into the exception, and each
+            # line is logged so a hang is visible in the task log too.
+            for line in proc.stderr:  # type: ignore[union-attr]
+                line = line.rstrip("\n")
+                tail.append(line)
+                with lock:
+                    log_file.write("[stderr] " + line + "\n")
+                    log_file.flush()
+                if line.strip():
+                    log.info("trainer stderr: %s", line)
+
+        reader = threading.Thread(target=pump_stderr, name="trainer-stderr", daemon=True)
+        reader.start()
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                line = line.rstrip("\n")
+                with lock:
+                    log_file.write(line + "\n")
+                    log_file.flush()
+                if line.strip():
+                    log.info("%s", line)
+            code = proc.wait()
+        finally:
+            # Task killed or interrupted while streaming: take the trainer down with it to free the GPU.
+            _stop(proc)
+            reader.join(timeout=10)
+            (out / "trainer.pid").unlink(missing_ok=True)
+
+    if code != 0:
+        last = "\n".join(tail) or "(nothing on stderr)"
+        raise TrainingFailed(
+            f"the trainer {_describe_exit(code)} after {time.time() - started:.0f} s "
+            f"(run dir {run_dir_path}). Last stderr lines:\n{last}\n"
+            f"Full output: {trainer_log}. Fix the cause and retry the task: training resumes from the newest "
+            f"complete checkpoint in {out / 'checkpoints'}."
+        )
+    if not result_path.is_file():
+        raise TrainingFailed(
+            f"the trainer exited normally but wrote no {result_path}; see {trainer_log} and retry the task"
+        )
+    result = json.loads(result_path.read_text())
+    log.info(
+        "training finished: %s steps, train loss %s, eval loss %s, merged model %s",
+        result.get("steps"), result.get("train_loss"), result.get("eval_loss"), result.get("merged_path"),
+    )
+    return result
