@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench lint clean-state
+.PHONY: install demo demo-full test test-all bench lint clean-state
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,13 @@ $(STAMP): $(BIN)/python requirements.txt requirements-nodeps.txt pyproject.toml
 
 install: $(STAMP)
 
-## The monthly DAG for product_intent, end to end on the embedded defaults (PostgreSQL from pip, local state).
+## The monthly DAG for product_intent on the embedded defaults (PostgreSQL from pip, local state), through
+## dataset validation (dry_run). `make demo-full` also trains, evaluates, gates, deploys and backs up (see README).
 demo: $(STAMP)
-	$(BIN)/retrain demo --use-case product_intent
+	$(BIN)/retrain demo --use-case product_intent --param dry_run=true
+
+demo-full: $(STAMP)
+	$(BIN)/retrain demo --use-case product_intent --param max_train_steps=$(or $(STEPS),60)
 
 ## Default test run: everything except tests marked slow.
 test: $(STAMP)

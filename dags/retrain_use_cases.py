@@ -21,7 +21,10 @@ One DAG per use-case file in `include/use_cases/*.yaml`. Every month (03:00 on t
    run) on the same frozen test set;
 9. **decide** applies the go/no-go thresholds (Params override the YAML), writes `decision.json` and an HTML report,
    and branches: **deploy_model** (atomic switch of the production alias) or **reject_candidate**. A NO-GO is a
-   successful run.
+   successful run;
+10. **backup_to_s3** encrypts the run's outputs on this side (AES-256-GCM, a fresh data key per backup wrapped by the
+   master key or KMS) and streams them to S3; **verify_backup** is the restore drill; **prune_backups** keeps the
+   newest N; **cleanup** deletes local training data only after a verified backup.
 
 Task bodies are one call into the `retrain` package (`include/retrain`); nothing here touches a database or a heavy
 library at parse time.
@@ -191,6 +194,33 @@ def build_dag(spec: dict):
 
             return reject_candidate(run["run_dir"], actor=f"airflow:{dag_run.dag_id}")
 
+        # Backs up whatever the run produced (dataset, manifest, model, report, decision) after either branch of
+        # the gate. Same XCom pull as register_candidate: skipped on dry runs, where the dataset must stay local.
+        @task(trigger_rule="none_failed_min_one_success", execution_timeout=timedelta(hours=2))
+        def backup_to_s3(ti=None) -> dict:
+            from retrain.pipeline import backup
+
+            return backup(ti.xcom_pull(task_ids="prepare_run")["run_dir"])
+
+        @task(execution_timeout=timedelta(hours=1))
+        def verify_backup(run: dict) -> dict:
+            """The restore drill: nothing local is deleted unless the uploaded backup decrypts and hashes right."""
+            from retrain.pipeline import verify_backup
+
+            return verify_backup(run["run_dir"])
+
+        @task(execution_timeout=timedelta(minutes=30))
+        def prune_backups(run: dict) -> dict:
+            from retrain.pipeline import prune_backups
+
+            return prune_backups(run["run_dir"])
+
+        @task(execution_timeout=timedelta(minutes=10))
+        def cleanup(run: dict) -> dict:
+            from retrain.pipeline import cleanup
+
+            return cleanup(run["run_dir"])
+
         run = prepare_run()
         validated = validate_dataset(run)
         chain(run, collect_examples(run), build_dataset(run), validated)
@@ -201,7 +231,11 @@ def build_dag(spec: dict):
         registered = register_candidate()
         trained >> registered
         decision = decide(run)
-        chain(registered, evaluate_candidate(run), decision, [deploy_model(run), reject_candidate(run)])
+        outcome = [deploy_model(run), reject_candidate(run)]
+        chain(registered, evaluate_candidate(run), decision, outcome)
+        backup = backup_to_s3()
+        outcome >> backup
+        chain(backup, verify_backup(run), prune_backups(run), cleanup(run))
 
     return retrain()
 

@@ -54,6 +54,10 @@ def test_retrain_dag_shape(dagbag, use_case):
     assert down["train_qlora"] == down["train_openai"] == ["register_candidate"]
     assert down["register_candidate"] == ["evaluate_candidate"] and down["evaluate_candidate"] == ["decide"]
     assert down["decide"] == ["deploy_model", "reject_candidate"]
+    assert down["deploy_model"] == down["reject_candidate"] == ["backup_to_s3"]
+    assert down["backup_to_s3"] == ["verify_backup"] and down["verify_backup"] == ["prune_backups"]
+    assert down["prune_backups"] == ["cleanup"] and down["cleanup"] == []
+    assert dag.get_task("backup_to_s3").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("register_candidate").trigger_rule == "none_failed_min_one_success"
     qlora = dag.get_task("train_qlora")
     assert qlora.queue == "gpu" and qlora.pool == "gpu"

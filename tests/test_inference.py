@@ -230,6 +230,8 @@ def test_hf_batched_equals_one_by_one_greedy(tiny_model_dir):
     reference = [reference_generate(engine.model, engine.tokenizer, c, 12) for c in convs]
     assert batched == reference
     assert [len(b["indices"]) for b in batches] == [4, 4, 3]
+    # Batches of one use case share the system prompt's cache; the mixed batch is plain left padding.
+    assert [b["shared_prefix"] > 20 for b in batches] == [True, False, True]
     # Sorted by prompt length into batches, results back in input order.
     flat = [i for b in batches for i in b["indices"]]
     assert sorted(flat) == list(range(len(convs))) and [lengths[i] for i in flat] == sorted(lengths)
@@ -239,6 +241,14 @@ def test_hf_batched_equals_one_by_one_greedy(tiny_model_dir):
     assert [r["text"] for r in results] == [engine.decode(r) for r in reference]
     for r in results:
         assert r["error"] is None and r["latency_s"] == pytest.approx(r["batch_s"] / r["batch_size"])
+
+
+def test_shared_prefix_len():
+    from retrain.inference import shared_prefix_len
+
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each prompt keeps a token of its own
+    assert shared_prefix_len([[9, 2], [1, 2]]) == 0
 
 
 def test_hf_adapter_is_loaded_on_its_base_and_merged(tiny_model_dir, tmp_path):
@@ -283,9 +293,10 @@ def test_hf_bad_spec_says_what_to_fix(tmp_path):
 def test_predict_hf_reports_throughput_and_latency(tiny_model_dir):
     uc = load_use_case("product_intent")
     convs = conversations("product_intent", 5)
-    results, stats = predict({"kind": "hf", "path": tiny_model_dir, "label": "baseline"}, convs, uc, batch_size=2)
-    assert len(results) == 5 and all(r["error"] is None for r in results)
-    assert stats["n"] == 5 and stats["errors"] == 0 and stats["max_new_tokens"] == max_new_tokens_for(uc)
+    results, stats = predict({"kind": "hf", "path": tiny_model_dir, "label": "baseline"}, convs, uc, batch_size=2,
+                             max_new_tokens=8)
+    assert len(results) == 5 and all(r["error"] is None and 0 < r["tokens"] <= 8 for r in results)
+    assert stats["n"] == 5 and stats["errors"] == 0 and stats["max_new_tokens"] == 8
     assert stats["examples_per_s"] == pytest.approx(5 / stats["seconds"])
     assert 0 < stats["p50"] <= stats["p95"] <= max(r["latency_s"] for r in results)
 

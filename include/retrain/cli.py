@@ -57,6 +57,48 @@ def ensure_airflow_db() -> None:
     marker.write_text("ok\n")
 
 
+def ensure_local_services() -> dict:
+    """Embedded defaults for local runs: an S3 API server (moto) on 127.0.0.1 and a backup master key file.
+
+    Only when nothing is configured: an Airflow connection `retrain_s3` / RETRAIN_S3_ENDPOINT_URL, or a master key
+    (connection `retrain_backup_key` / RETRAIN_BACKUP_MASTER_KEY / a KMS key id), always win. moto keeps objects in
+    memory, so demo backups live as long as this process; docker-compose uses MinIO instead.
+    """
+    import base64
+    import secrets
+
+    info = {}
+    if not (os.environ.get("RETRAIN_S3_ENDPOINT_URL") or os.environ.get("AIRFLOW_CONN_RETRAIN_S3")):
+        import socket
+
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        _services.append(server)
+        os.environ["RETRAIN_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        # moto accepts any credentials; real ones are never needed (or used) for the embedded server.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "embedded-moto")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "embedded-moto")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        info["s3"] = f"embedded S3 API server (moto) at http://127.0.0.1:{port}"
+    if not (os.environ.get("RETRAIN_BACKUP_MASTER_KEY") or os.environ.get("AIRFLOW_CONN_RETRAIN_BACKUP_KEY")
+            or os.environ.get("RETRAIN_BACKUP_KMS_KEY_ID")):
+        key_file = state_dir() / "backup-master.key"
+        if not key_file.exists():
+            key_file.touch(mode=0o600)
+            key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        os.environ["RETRAIN_BACKUP_MASTER_KEY"] = key_file.read_text().strip()
+        info["backup_key"] = f"local master key file {key_file} (mode 600; set RETRAIN_BACKUP_MASTER_KEY to use yours)"
+    return info
+
+
+_services: list = []
+
+
 def run_dag(use_case: str, params: dict, *, run_id: str | None = None) -> dict:
     """Run retrain_<use_case> in this process with dag.test(): real Airflow task execution, no scheduler."""
     ensure_airflow_db()
@@ -108,6 +150,8 @@ def cmd_seed(args) -> int:
 
 
 def cmd_run(args) -> int:
+    for line in ensure_local_services().values():
+        print(f"[retrain] {line}", flush=True)
     result = run_dag(args.use_case, _parse_params(args.param))
     _print(result)
     return 0 if result["state"].endswith("success") else 1
@@ -120,6 +164,8 @@ def cmd_demo(args) -> int:
     uc = load_use_case(args.use_case)
     t0 = time.monotonic()
     print(f"[demo 1/3] database: {db.database_dsn()[1]}", flush=True)
+    for line in ensure_local_services().values():
+        print(f"[demo 1/3] {line}", flush=True)
     with db.connection() as conn:
         db.ensure_schema(conn)
         have = db.count_examples(conn, uc.name)
@@ -150,7 +196,11 @@ def cmd_demo(args) -> int:
             print(f"validation  : FAILED, see {run_dir / 'validation.json'} and {run_dir / 'data_docs'}")
         if result.get("failed_tasks"):
             print(f"failed tasks: {', '.join(result['failed_tasks'])} (the task log above says why)")
-    print("not built yet: train_candidate, evaluate, decide, deploy, backup_to_s3 (see README)")
+    if json.loads((run_dir / "run_config.json").read_text())["params"].get("dry_run"):
+        print("dry run   : stopped after validation (training, evaluation, gate, deploy, backup skipped)")
+    for name in ("decision.json", "evaluation/report.html", "backup.json"):
+        if (run_dir / name).is_file():
+            print(f"{name:12s}: {run_dir / name}")
     print(f"total       : {time.monotonic() - t0:.0f}s")
     return 0 if result["state"].endswith("success") else 1
 
@@ -172,6 +222,21 @@ def cmd_registry(args) -> int:
     with db.connection() as conn:
         db.ensure_schema(conn)
         _print(registry.summary(conn, args.use_case))
+    return 0
+
+
+def cmd_backup(args) -> int:
+    from retrain import backup
+
+    if args.action == "list":
+        result = backup.list_backups(args.use_case)
+    elif args.action == "verify":
+        result = backup.verify_backup(args.backup_id)
+    elif args.action == "restore":
+        result = backup.restore_backup(args.backup_id, args.target_dir, overwrite=args.overwrite)
+    else:
+        result = backup.prune_backups(args.use_case, args.keep)
+    _print(result)
     return 0
 
 
@@ -239,6 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("registry", help="model versions and history of a use case")
     p.add_argument("--use-case", required=True)
     p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("backup", help="list, verify, restore or prune encrypted backups in S3")
+    bsub = p.add_subparsers(dest="action", required=True)
+    b = bsub.add_parser("list")
+    b.add_argument("--use-case", required=True)
+    b = bsub.add_parser("verify")
+    b.add_argument("backup_id")
+    b = bsub.add_parser("restore")
+    b.add_argument("backup_id")
+    b.add_argument("--target-dir", default=None)
+    b.add_argument("--overwrite", action="store_true")
+    b = bsub.add_parser("prune")
+    b.add_argument("--use-case", required=True)
+    b.add_argument("--keep", type=int, required=True)
+    p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("check-config", help="validate every use-case YAML")
     p.set_defaults(func=cmd_check_config)

@@ -7,9 +7,14 @@ def is_user_error(exc: BaseException) -> bool:
     from retrain.config import ConfigError
     from retrain.dataset import DatasetError
     from retrain.db import DatabaseError
+    from retrain.backup import BackupError
     from retrain.registry import RegistryError
+    from retrain.s3 import S3ConfigError
+    from retrain.train.openai_ft import OpenAIFineTuneError
 
-    if isinstance(exc, (ConfigError, DatabaseError, DatasetError, RegistryError, FileNotFoundError)):
+    user_errors = (ConfigError, DatabaseError, DatasetError, RegistryError, BackupError, S3ConfigError,
+                   OpenAIFineTuneError, FileNotFoundError)
+    if isinstance(exc, user_errors):
         return True
     # validate.py imports great_expectations lazily; match by name to avoid importing it here.
     return type(exc).__name__ == "DataValidationError"

@@ -10,9 +10,13 @@ request must not throw away an hour of evaluation, and the metrics count it as a
 
 Latency means different things per engine, so only compare like with like:
 
-* ``hf``: examples run in batches; an example's ``latency_s`` is its batch's wall time divided by the batch
-  size (the amortised cost per example, which is what throughput planning needs). The real wall time of the
-  batch is kept in ``batch_s`` (and ``batch_size``), so a per-request latency can still be reported.
+* ``hf``: examples run in batches (sorted by prompt length, left-padded; the prompt prefix a batch shares,
+  i.e. the system prompt, is computed once and its key/value cache shared). An example's ``latency_s`` is its
+  batch's wall time divided by the batch size: the amortised cost per example, which is what throughput
+  planning needs. The real wall time of the batch is kept in ``batch_s`` (with ``batch_size`` and ``batch``,
+  its index), so a per-request latency can still be reported. Outputs do not depend on batching: float32
+  greedy decoding with attention masks and mask-derived position ids gives the tokens of a one-by-one
+  ``generate`` (tests/test_inference.py and bench/eval_throughput.py check it token for token).
 * ``openai``: the wall time of the request that succeeded (backoff sleeps excluded, ``attempts`` counts tries).
 
 Model spec (JSON-able, travels through XCom):
@@ -210,20 +214,34 @@ def _json_stop_class():
         def __call__(self, input_ids, scores, **kwargs):
             import torch
 
-            rows = input_ids.tolist()
-            for pos in range(self.seen, len(rows[0])):
-                for b, scanner in enumerate(self.scanners):
-                    if scanner.closed:
-                        continue
-                    if scanner.feed(self.token_text(rows[b][pos])) >= 0:
-                        self.stop_index[b] = pos - self.prompt_len
-            self.seen = len(rows[0])
+            new_cols = input_ids[:, self.seen:].tolist()  # normally one column: the token just generated
+            for b, scanner in enumerate(self.scanners):
+                for j, token in enumerate(new_cols[b]):
+                    if not scanner.closed and scanner.feed(self.token_text(token)) >= 0:
+                        self.stop_index[b] = self.seen + j - self.prompt_len
+            self.seen = input_ids.shape[1]
             return torch.tensor([s.closed for s in self.scanners], dtype=torch.bool, device=input_ids.device)
 
     return JsonObjectStop
 
 
 # --- Hugging Face engine -------------------------------------------------------------------------------
+# Below this many shared leading tokens, a separate prefix pass costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving at least one own token per prompt (generation
+    must start from a token the batch computes, not from the shared cache)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
 
 
 def _resolve_path(name: str) -> str:
@@ -240,7 +258,7 @@ def _resolve_path(name: str) -> str:
 class HFEngine:
     """Batched greedy generation with a local causal LM (float32 on CPU, so batched == one-by-one outputs)."""
 
-    def __init__(self, spec: dict, *, batch_size: int = 16):
+    def __init__(self, spec: dict, *, batch_size: int = 16, prefix_cache: bool = True):
         import json
 
         import torch
@@ -249,6 +267,7 @@ class HFEngine:
         if batch_size < 1:
             raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.prefix_cache = prefix_cache
         self.label = spec.get("label")
         raw = spec.get("path")
         if not raw:
@@ -272,7 +291,7 @@ class HFEngine:
                 has_tok = os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json"))
                 self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tok else base_path)
                 base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-                # Merging removes the LoRA detour from every forward pass: ~2x faster generation on CPU.
+                # Merged, the adapter costs nothing per forward pass (no extra LoRA matmuls in every projection).
                 self.model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
                 self.source = f"adapter {adapter_dir} merged into {base_path}"
             else:
@@ -324,30 +343,52 @@ class HFEngine:
                                 temperature=None, top_p=None, top_k=None,
                                 pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True)
 
-    def _run_batch(self, batch: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Generated token ids per prompt (cut at EOS or where the JSON object closed)."""
+    def _run_batch(self, batch: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
+        """(generated token ids per prompt, cut at EOS or where the JSON object closed; shared prefix length)."""
         import torch
         from transformers import StoppingCriteriaList
 
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids):] = 1
-        stop = _json_stop_class()(self._token_text, width, len(batch))
-        # generate derives position ids from the attention mask (cumsum - 1), so a left-padded prompt sees the
-        # same positions as it would alone.
+        prefix = shared_prefix_len(batch) if len(batch) > 1 and self.prefix_cache else 0
+        if prefix < MIN_SHARED_PREFIX:
+            prefix = 0
+        head = batch[0][:prefix]
+        tails = [ids[prefix:] for ids in batch]
+        width = max(len(t) for t in tails)
+        total = prefix + width
+        # [shared prefix][left padding][rest of the prompt]: with no shared prefix this is plain left padding.
+        input_ids = torch.full((len(batch), total), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), total), dtype=torch.long)
+        input_ids[:, :prefix] = torch.tensor(head, dtype=torch.long)
+        attention[:, :prefix] = 1
+        for row, tail in enumerate(tails):
+            input_ids[row, total - len(tail):] = torch.tensor(tail, dtype=torch.long)
+            attention[row, total - len(tail):] = 1
+        stop = _json_stop_class()(self._token_text, total, len(batch))
+        kwargs = {}
         with torch.inference_mode():
+            if prefix:
+                # Every test prompt starts with the same system prompt (~60% of its tokens): run it once and let
+                # the batch share its key/value cache instead of recomputing it per row.
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                extra = {"logits_to_keep": 1} if self.model._supports_logits_to_keep() else {}
+                self.model(input_ids=input_ids[:1, :prefix].to(self.device), past_key_values=cache,
+                           use_cache=True, **extra)
+                cache.batch_repeat_interleave(len(batch))
+                kwargs["past_key_values"] = cache
+            # generate derives position ids from the attention mask (cumsum - 1): padding takes no position, so
+            # every row sees the positions it would see alone.
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 generation_config=self._generation_config(max_new_tokens),
                 stopping_criteria=StoppingCriteriaList([stop]),
+                **kwargs,
             )
         results = []
         eos = set(self.eos_ids)
-        for row, gen in enumerate(out[:, width:].tolist()):
+        for row, gen in enumerate(out[:, total:].tolist()):
             end = len(gen)
             for i, t in enumerate(gen):
                 if t in eos:
@@ -356,12 +397,12 @@ class HFEngine:
             if stop.stop_index[row] is not None:
                 end = min(end, stop.stop_index[row] + 1)
             results.append(gen[:end])
-        return results
+        return results, prefix
 
     def generate_ids(self, conversations: Sequence[Any], *, max_new_tokens: int,
                      batch_size: int | None = None) -> tuple[list[list[int]], list[dict]]:
         """(generated ids per conversation in input order, one {"indices", "seconds", "prompt_tokens",
-        "new_tokens"} per batch)."""
+        "shared_prefix", "new_tokens"} per batch)."""
         size = batch_size or self.batch_size
         prompts = [self.prompt_ids(c) for c in conversations]
         # Batching prompts of similar length wastes less compute on padding; stable sort keeps ties in order.
@@ -372,15 +413,15 @@ class HFEngine:
         for k in range(n_batches):
             idx = order[k * size:(k + 1) * size]
             started = time.perf_counter()
-            gens = self._run_batch([prompts[i] for i in idx], max_new_tokens)
+            gens, shared = self._run_batch([prompts[i] for i in idx], max_new_tokens)
             seconds = time.perf_counter() - started
             for i, g in zip(idx, gens):
                 outputs[i] = g
             info = {"indices": idx, "seconds": seconds, "prompt_tokens": max(len(prompts[i]) for i in idx),
-                    "new_tokens": max(len(g) for g in gens)}
+                    "shared_prefix": shared, "new_tokens": max(len(g) for g in gens)}
             batches.append(info)
-            log.info("%s batch %d/%d: %d examples, %d prompt tokens, %d new tokens, %.2f s",
-                     self.label or "model", k + 1, n_batches, len(idx), info["prompt_tokens"],
+            log.info("%s batch %d/%d: %d examples, %d prompt tokens (%d shared), %d new tokens, %.2f s",
+                     self.label or "model", k + 1, n_batches, len(idx), info["prompt_tokens"], shared,
                      info["new_tokens"], seconds)
         return outputs, batches
 
@@ -555,17 +596,17 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def predict(spec: dict, conversations: Sequence[Any], uc, *, batch_size: int = 16,
-            concurrency: int = 4) -> tuple[list[dict], dict]:
+def predict(spec: dict, conversations: Sequence[Any], uc, *, batch_size: int = 16, concurrency: int = 4,
+            max_new_tokens: int | None = None) -> tuple[list[dict], dict]:
     """Answer every conversation with the model in spec.
 
     Returns (results in input order, {"seconds", "examples_per_s", "p50", "p95", "max_new_tokens", "errors",
     "n"}); p50/p95 are per-example latencies (see the module docstring for what latency means per engine)
-    over the examples that did not fail.
+    over the examples that did not fail. max_new_tokens defaults to max_new_tokens_for(uc).
     """
     import gc
 
-    max_new = max_new_tokens_for(uc)
+    max_new = max_new_tokens or max_new_tokens_for(uc)
     engine = make_engine(spec, batch_size=batch_size, concurrency=concurrency)
     try:
         started = time.perf_counter()

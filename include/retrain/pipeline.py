@@ -291,3 +291,37 @@ def reject_candidate(run_dir: str | Path, actor: str) -> dict:
     with db.connection() as conn:
         return _jsonable(registry.reject(conn, use_case=uc.name, version=version, actor=actor,
                                          reason=decision["summary"], run_id=meta["run_id"]))
+
+
+# --- backups --------------------------------------------------------------------------------------------------
+
+
+@_recorded("backup_to_s3", lambda r: {"backup_id": r.get("backup_id")})
+def backup(run_dir: str | Path) -> dict:
+    from retrain.backup import backup_to_s3
+
+    result = backup_to_s3(run_dir)
+    return {k: result.get(k) for k in ("backup_id", "skipped", "bytes", "ciphertext_bytes", "reused")}
+
+
+@_recorded("verify_backup")
+def verify_backup(run_dir: str | Path) -> dict:
+    from retrain.backup import drill_backup
+
+    result = drill_backup(run_dir)
+    return {k: result.get(k) for k in ("backup_id", "sha256", "chunks", "verified", "skipped")}
+
+
+@_recorded("prune_backups")
+def prune_backups(run_dir: str | Path) -> dict:
+    from retrain.backup import prune_stage
+
+    return _jsonable(prune_stage(run_dir))
+
+
+@_recorded("cleanup", lambda r: {"status": "success"})
+def cleanup(run_dir: str | Path) -> dict:
+    from retrain.backup import cleanup_stage
+
+    result = cleanup_stage(run_dir)
+    return {k: result.get(k) for k in ("removed", "bytes_freed", "skipped")}

@@ -185,6 +185,24 @@ def spec_for_run(run_dir: str | Path, extra_overrides: dict[str, Any] | None = N
     return spec_from_use_case(uc.training, overrides)
 
 
+def run_fingerprint(run_dir: str | Path, spec: TrainingSpec, base_model: str) -> dict[str, str]:
+    """What a checkpoint or a finished result was computed from: settings, base model and data files.
+
+    A checkpoint is only resumed, and a finished result only reused, when all of it is unchanged (a rebuilt
+    dataset or another base model must retrain from scratch).
+    """
+    out = {"spec": spec.fingerprint(), "base_model": base_model}
+    for name in ("train.jsonl", "val.jsonl"):
+        path = Path(run_dir) / name
+        digest = hashlib.sha256()
+        if path.is_file():
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        out[name.split(".")[0] + "_sha256"] = digest.hexdigest()
+    return out
+
+
 def compute_dtype_name(cuda: bool) -> str:
     # bf16 compute is the QLoRA recipe on GPUs; on CPU it diverged here (nf4, loss 3.1 -> 6.6) while float32
     # learned, and CPUs gain little from bf16 anyway.

@@ -113,10 +113,13 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
     retried after training succeeded does not train again). Raises TrainingFailed (a RuntimeError) with the
     tail of the trainer's stderr when the trainer fails; the full output is in candidate/trainer.log.
     """
-    from retrain.train.config import spec_for_run
+    from retrain.pipeline import load_run
+    from retrain.train.config import read_overrides_file, run_fingerprint, spec_from_use_case
 
     run_dir_path = Path(run_dir).resolve()
-    spec = spec_for_run(run_dir_path, extra_overrides)  # fails fast, naming the bad field
+    uc, _ = load_run(run_dir_path)
+    # Validated here, in the worker, so a typo fails in a second naming the field instead of after a model load.
+    spec = spec_from_use_case(uc.training, {**read_overrides_file(run_dir_path), **(extra_overrides or {})})
     out = run_dir_path / "candidate"
     result_path = out / RESULT_FILE
     if result_path.is_file():
@@ -124,7 +127,8 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
             previous = json.loads(result_path.read_text())
         except json.JSONDecodeError:
             previous = {}
-        if previous.get("spec_fingerprint") == spec.fingerprint() and Path(previous.get("merged_path", "")).is_dir():
+        same = previous.get("fingerprint") == run_fingerprint(run_dir_path, spec, uc.training.base_model)
+        if same and Path(previous.get("merged_path", "")).is_dir():
             log.info("training already finished for these settings: reusing %s", result_path)
             return previous
     out.mkdir(parents=True, exist_ok=True)

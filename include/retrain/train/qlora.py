@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -358,48 +359,64 @@ class _Progress:
         class Progress(TrainerCallback):
             def __init__(self) -> None:
                 self.t0 = time.time()
-                self.start_step = 0
-                self.last = (self.t0, 0.0)
+                self.step_started = self.t0
+                self.train_seconds = 0.0  # time inside optimizer steps only: no evaluation, no checkpointing
+                self.steps_timed = 0
+                self.eval_seconds: list[float] = []
+                self.last = (0.0, 0.0)  # (train_seconds, tokens) at the previous training log
                 self.tokens_per_second: list[float] = []
 
             def on_train_begin(self, args, state, control, **kw):
                 self.t0 = time.time()
-                self.start_step = state.global_step
-                self.last = (self.t0, 0.0)
+
+            def on_step_begin(self, args, state, control, **kw):
+                self.step_started = time.time()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.train_seconds += time.time() - self.step_started
+                self.steps_timed += 1
+
+            def _eta(self, args, state) -> float | None:
+                if not self.steps_timed:
+                    return None
+                left = state.max_steps - state.global_step
+                eta = self.train_seconds / self.steps_timed * left
+                if self.eval_seconds and args.eval_steps:
+                    evals_left = state.max_steps // args.eval_steps - state.global_step // args.eval_steps
+                    eta += sum(self.eval_seconds) / len(self.eval_seconds) * evals_left
+                return eta
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if not state.is_world_process_zero or not logs:
                     return
-                now = time.time()
                 if "loss" in logs:
-                    done = state.global_step - self.start_step
-                    elapsed = now - self.t0
-                    eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
                     tps = ""
                     tokens = logs.get("num_tokens")
                     if tokens is not None:
-                        t_prev, n_prev = self.last
-                        if now > t_prev and tokens > n_prev:
-                            rate = (tokens - n_prev) / (now - t_prev)
+                        s_prev, n_prev = self.last
+                        if self.train_seconds > s_prev and tokens > n_prev:
+                            rate = (tokens - n_prev) / (self.train_seconds - s_prev)
                             self.tokens_per_second.append(rate)
                             tps = f" tokens/s {rate:.0f}"
-                        self.last = (now, float(tokens))
+                        self.last = (self.train_seconds, float(tokens))
                     lr = logs.get("learning_rate")
+                    eta = self._eta(args, state)
                     say(
                         f"[train] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
                         + (f" lr {lr:.2e}" if isinstance(lr, float) else "")
                         + tps
-                        + f" elapsed {_fmt_seconds(elapsed)}"
-                        + (f" eta {_fmt_seconds(eta)}" if not math.isnan(eta) else "")
+                        + f" elapsed {_fmt_seconds(time.time() - self.t0)}"
+                        + (f" eta {_fmt_seconds(eta)}" if eta is not None else "")
                     )
                 elif "eval_loss" in logs:
+                    if isinstance(logs.get("eval_runtime"), (int, float)):
+                        self.eval_seconds.append(float(logs["eval_runtime"]))
                     best = state.best_metric
                     say(
                         f"[eval] step {state.global_step}/{state.max_steps} eval_loss {logs['eval_loss']:.4f}"
                         + (f" (best {best:.4f})" if isinstance(best, float) else "")
+                        + (f" in {_fmt_seconds(self.eval_seconds[-1])}" if self.eval_seconds else "")
                     )
-                    # Evaluation time must not count as training throughput.
-                    self.last = (now, self.last[1])
 
             def on_save(self, args, state, control, **kw):
                 say(f"[save] checkpoint-{state.global_step}")
@@ -431,12 +448,33 @@ def load_model(base_path: str, spec, *, cuda: bool):
         # A 4-bit model cannot be moved after loading: place it on this process's device right away.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if cuda else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if spec.quantized and not cuda:
+        keep_4bit_trainable_on_cpu(model)
     if spec.quantized:
         from peft import prepare_model_for_kbit_training
 
         # Upcasts norms/embeddings to fp32 for stable QLoRA training and wires input grads for checkpointing.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_gc(spec, cuda))
     return model
+
+
+def keep_4bit_trainable_on_cpu(model) -> int:
+    """Stop bitsandbytes from switching 4-bit layers to its inference-only CPU format; returns layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight for a fast bf16 kernel the
+    first time it runs in eval mode without gradients -- which is exactly what the validation pass does. The
+    repacked layer keeps using that kernel in training, and it has no autograd formula: gradients through the
+    frozen base weights are then silently wrong (measured: 94% relative error in the LoRA gradients after one
+    evaluation), and compute drops to bf16. Keeping the standard dequantise-and-matmul path costs little.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def _gc(spec, cuda: bool) -> bool:
@@ -477,7 +515,7 @@ def sft_config(spec, output_dir: Path, *, cuda: bool, has_eval: bool, eval_on_st
         padding_free=spec.padding_free,
         completion_only_loss=True,
         train_sampling_strategy="group_by_length" if spec.group_by_length and not spec.packing else "random",
-        gradient_checkpointing=_gc(spec, cuda),
+        activation_checkpointing=_gc(spec, cuda),  # the new name of gradient_checkpointing (transformers 5)
         bf16=cuda,
         use_cpu=not cuda,
         eval_strategy="steps" if has_eval else "no",
@@ -560,7 +598,7 @@ def train(run_dir: str | Path, *, resume: str = "auto", overrides: dict | None =
     started = time.time()
     from retrain.models import resolve_base_model
     from retrain.pipeline import load_run
-    from retrain.train.config import compute_dtype_name, read_overrides_file, spec_from_use_case
+    from retrain.train.config import compute_dtype_name, read_overrides_file, run_fingerprint, spec_from_use_case
 
     run_dir = Path(run_dir).resolve()
     uc, meta = load_run(run_dir)
@@ -576,6 +614,14 @@ def train(run_dir: str | Path, *, resume: str = "auto", overrides: dict | None =
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()  # weight-loading bars would flood the task log through stderr
+    # bitsandbytes warns at import that an optional CPU kernel for its inference-only 4-bit format is missing;
+    # training never uses that format (see keep_4bit_trainable_on_cpu).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import warnings
+
+    # PEFT/TRL still read the pre-v5 attribute name on every model wrap: noise, not a problem of this run.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         import datasets
 
@@ -597,11 +643,7 @@ def train(run_dir: str | Path, *, resume: str = "auto", overrides: dict | None =
     if not val_rows:
         say("[data] no validation examples: no evaluation, no early stopping, the last step is kept")
 
-    fingerprint = {
-        "spec": spec.fingerprint(),
-        "base_model_path": base_path,
-        "train_sha256": _sha256(run_dir / "train.jsonl"),
-    }
+    fingerprint = run_fingerprint(run_dir, spec, uc.training.base_model)
     resume_from = _prepare_checkpoint_dir(checkpoints, fingerprint, resume)
     progress = _Progress()
     trainer = build_trainer(
@@ -684,6 +726,7 @@ def train(run_dir: str | Path, *, resume: str = "auto", overrides: dict | None =
         "compute_dtype": compute_dtype_name(cuda),
         "spec": spec.model_dump(mode="json"),
         "spec_fingerprint": spec.fingerprint(),
+        "fingerprint": fingerprint,
         "manifest_sha256": _sha256(manifest_path) if manifest else None,
         "model_card": str(out / "model_card.md"),
         "modelfile": str(out / "Modelfile"),
