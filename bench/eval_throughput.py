@@ -2,19 +2,23 @@
 
 The model is the real SmolLM2-135M-Instruct (the platform's default base model, i.e. the first run's baseline);
 the inputs are product_intent-like test conversations built from retrain.synthetic (system prompt + rendered
-user message, as in test.jsonl). Both sides use greedy decoding and the same stop rule (EOS, or the first JSON
-object closing) and the same token budget. The batched side is the evaluation engine as the pipeline runs it: prompts sorted
-by length, left-padded batches, the shared system-prompt prefix computed once per batch and its key/value
-cache shared. The per-example side calls `model.generate` once per conversation (no padding, no sharing). The script checks the two produce the same tokens for every example, then prints both timings
+user message, as in test.jsonl). Both sides use greedy decoding, the same stop rule (EOS, or the first JSON
+object closing) and the same token budget. The batched side is the evaluation engine as the pipeline runs it:
+prompts sorted by length, left-padded batches, the shared system-prompt prefix computed once per batch and its
+key/value cache shared. The per-example side calls `model.generate` once per conversation (no padding, no
+sharing). The script checks that both produce the same tokens for every example, then prints both timings
 and the speed ratio. Target: >= 4x.
 
     .venv/bin/python bench/eval_throughput.py [--examples 64] [--batch-size 16] [--max-new-tokens 96]
 
 --max-new-tokens defaults to 96, about the longest real product_intent answer (93 SmolLM2 tokens): a fine-tuned
 candidate stops there, while the untuned base model often rambles in prose until the budget, and the full
-schema budget (max_new_tokens_for: 336 here) makes the per-example side take ~20 minutes on 2 CPU cores.
-Pass --max-new-tokens 0 to use the schema budget anyway. Exit status: 0 if outputs match and the ratio meets
---target, 1 otherwise. Prints one JSON summary line last.
+schema budget (max_new_tokens_for: 336 here) makes the per-example side several times longer. Pass
+--max-new-tokens 0 to use the schema budget anyway. The default run should take ~7-8 minutes on 2 idle cores
+(estimated from per-step timings; this machine was never idle while it was written). On a
+busy machine pass --threads 1: with more torch threads than free cores, OpenMP threads wait on each other and
+the batched side's large matmuls suffer most. Exit status: 0 if outputs match and the ratio meets --target,
+1 otherwise. Prints one JSON summary line last.
 """
 
 from __future__ import annotations
@@ -105,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         single_cpu += time.process_time() - c
         for i, a, b in zip(idx, outs, ones):
             batched[i], single[i] = a, b
-        print(f"  examples {k + 1}-{k + len(idx)}: batched {batched_s:7.1f} s, per-example {single_s:7.1f} s "
-              f"(cumulative)", flush=True)
+        same = sum(a == b for a, b in zip(outs, ones))
+        print(f"  examples {k + 1}-{k + len(idx)}: same outputs {same}/{len(idx)}; cumulative batched "
+              f"{batched_s:7.1f} s, per-example {single_s:7.1f} s ({single_s / batched_s:.2f}x)", flush=True)
     print(f"batched:     {batched_s:8.1f} s wall, {batched_cpu:8.1f} s cpu  ({len(convs) / batched_s:.2f} examples/s)")
     print(f"per-example: {single_s:8.1f} s wall, {single_cpu:8.1f} s cpu  ({len(convs) / single_s:.2f} examples/s)")
 
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(target >= {args.target:g}x wall) -> {'OK' if ok else 'FAILED'}")
     print(json.dumps({"examples": len(convs), "batch_size": args.batch_size, "max_new_tokens": max_new,
                       "batched_s": round(batched_s, 2), "per_example_s": round(single_s, 2),
-                      "ratio": round(ratio, 2), "cpu_ratio": round(single_cpu / batched_cpu, 2), "mismatches": len(mismatched), "ok": ok}))
+                      "ratio": round(ratio, 2), "cpu_ratio": round(single_cpu / batched_cpu, 2),
+                      "mismatches": len(mismatched), "ok": ok}))
     return 0 if ok else 1
 
 

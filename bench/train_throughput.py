@@ -7,8 +7,8 @@ optimizer steps. Only the trainer configuration differs:
 * stock: ``SFTConfig()`` defaults -- gradient checkpointing on, random batches padded to the longest example;
   ``bf16`` is switched off on a CPU because stock ``SFTConfig`` refuses to start there otherwise.
 * ours: ``retrain.train.qlora.sft_config`` -- gradient checkpointing only on CUDA (memory is not what limits a
-  CPU), length-grouped batches (less padding), optional padding-free / packing (``--padding-free``,
-  ``--packing``).
+  CPU), length-grouped batches (less padding), narrower LM-head tiles on the CPU (less memory), optional
+  padding-free / packing (``--padding-free``, ``--packing``).
 
 Throughput is real (non-padding) tokens per second over the timed steps (the first step, which pays for
 lazy initialisation, is excluded), from TRL's own ``num_tokens`` counter. Target: ours >= 1.3x stock.
@@ -86,6 +86,9 @@ def tiny_model(directory: Path, rows: list[dict]) -> str:
     return str(directory)
 
 
+STOCK_LM_HEAD_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+
+
 class _Meter:
     """TrainerCallback timing steps 2..N and reading TRL's real-token counter at both ends."""
 
@@ -115,7 +118,13 @@ def run_side(side: str, base: str, rows: list[dict], spec, steps: int, out: Path
 
     from retrain.train import qlora
 
+    import trl.trainer.utils as trl_utils
+
     cuda = torch.cuda.is_available()
+    # Our trainer narrows TRL's CPU logits tiles (a memory fix); stock keeps TRL's own width.
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = STOCK_LM_HEAD_TILE
+    if side == "ours" and not cuda:
+        qlora.smaller_lm_head_tiles_on_cpu()
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = qlora.load_model(base, spec, cuda=cuda)
     ref: list = [None]

@@ -129,10 +129,12 @@ def test_max_new_tokens_follows_the_schema_and_is_clamped():
     many = {f"f{i}": {"type": "array", "items": {"type": "string"}} for i in range(40)}
     huge = uc_with({"type": "object", "properties": {"k": {"type": "string", "enum": ["a"]}, **many}})
     assert max_new_tokens_for(huge) == MAX_NEW_TOKENS
-    small = uc_with({"type": "object", "properties": {"k": {"type": "string", "enum": ["a"]},
-                                                      "t": {"type": "array", "items": {"type": "string"}, "maxItems": 8}}})
-    large = uc_with({"type": "object", "properties": {"k": {"type": "string", "enum": ["a"]},
-                                                      "t": {"type": "array", "items": {"type": "string"}, "maxItems": 20}}})
+    def with_tags(max_items):
+        return uc_with({"type": "object", "properties": {
+            "k": {"type": "string", "enum": ["a"]},
+            "t": {"type": "array", "items": {"type": "string"}, "maxItems": max_items}}})
+
+    small, large = with_tags(8), with_tags(20)
     assert max_new_tokens_for(small) < max_new_tokens_for(large)
 
 

@@ -271,7 +271,8 @@ class HFEngine:
         self.label = spec.get("label")
         raw = spec.get("path")
         if not raw:
-            raise InferenceError(f"an 'hf' model spec needs a 'path' (local dir, hub id or smollm2-135m-instruct): {spec}")
+            raise InferenceError(
+                f"an 'hf' model spec needs a 'path' (local dir, hub id or smollm2-135m-instruct): {spec}")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # fp32 on CPU: bf16 matmuls on CPU are slow and round differently per batch shape.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
