@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,6 +116,12 @@ def make_run(run_dir: Path, seed: int = 1, rows: int = 200, big_mb: int = 12, ru
     adapter.mkdir(parents=True)
     (adapter / "adapter_model.safetensors").write_bytes(os.urandom(big_mb << 20))
     (adapter / "adapter_config.json").write_text('{"r": 8}')
+    merged = run_dir / "candidate" / "merged"  # a model-like binary: what deploy serves and a restore must return
+    merged.mkdir()
+    (merged / "model.safetensors").write_bytes(os.urandom(1 << 20) + bytes(1000) + b"\xff" * 777)
+    (merged / "config.json").write_text('{"model_type": "llama"}')
+    (run_dir / "candidate" / "merged.tmp").mkdir()  # left by a crashed merge: not worth a backup
+    (run_dir / "candidate" / "merged.tmp" / "model.safetensors").write_bytes(b"half")
     (run_dir / "candidate" / "checkpoints" / "checkpoint-10").mkdir(parents=True)
     (run_dir / "candidate" / "checkpoints" / "checkpoint-10" / "optimizer.pt").write_bytes(b"x" * 1000)
     (run_dir / "evaluation").mkdir()
@@ -131,7 +138,8 @@ def tree(root: Path) -> dict[str, str]:
 
 def expected_tree(run_dir: Path) -> dict[str, str]:
     t = tree(run_dir)
-    return {k: v for k, v in t.items() if not k.startswith("candidate/checkpoints/") and k != backup.RECEIPT_NAME}
+    return {k: v for k, v in t.items() if not k.startswith(("candidate/checkpoints/", "candidate/merged.tmp/"))
+            and k != backup.RECEIPT_NAME}
 
 
 @pytest.fixture
@@ -162,7 +170,7 @@ def assert_no_leftovers(parent: Path, before: set[str]):
 def test_round_trip_is_byte_identical_through_multipart(backed_up, tmp_path):
     r, run_dir = backed_up["result"], backed_up["run_dir"]
     assert r["backup_id"] == "product_intent/scheduled__2026-11-01T03_00_00_00_00"
-    assert r["files"] == 12 and r["bytes"] > 12 << 20 and not r["reused"]
+    assert r["files"] == 14 and r["bytes"] > 13 << 20 and not r["reused"]
     archive_key, manifest_key = _keys(backed_up, r["backup_id"])
     s3 = backed_up["client"]
     head = s3.head_object(Bucket=backed_up["bucket"], Key=archive_key)
@@ -173,16 +181,27 @@ def test_round_trip_is_byte_identical_through_multipart(backed_up, tmp_path):
         s3.get_object(Bucket=backed_up["bucket"], Key=archive_key)["Body"].read()).hexdigest()
     assert {f["path"] for f in manifest["files"]} == set(expected_tree(run_dir))
     assert manifest["key"]["method"] == "aes-256-gcm" and manifest["key"]["key_id"].startswith("local:")
+    # Every field the issue lists: files with sizes and plaintext SHA-256, ciphertext SHA-256, chunk count, key id,
+    # run id.
+    assert manifest["run_id"] == "scheduled__2026-11-01T03:00:00+00:00" and manifest["use_case"] == "product_intent"
+    for f in manifest["files"]:
+        local = run_dir / f["path"]
+        assert f["bytes"] == local.stat().st_size and f["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+    a = manifest["archive"]
+    assert a["bytes"] == r["ciphertext_bytes"] and a["chunk_count"] == r["chunks"] and a["cipher"] == "AES-256-GCM"
+    assert a["plaintext_bytes"] >= r["bytes"] and manifest["key"]["key_id"] == r["key_id"] and manifest["mac"]
     body = r["ciphertext_bytes"] - manifest["archive"]["header_bytes"]
     assert r["chunks"] == manifest["archive"]["chunk_count"] == -(-body // ((1 << 20) + 16))  # 1 MiB + tag each
 
     drill = backup.verify_backup(r["backup_id"])
-    assert drill["verified"] and drill["sha256"] == r["sha256"] and drill["files"] == 12
+    assert drill["verified"] and drill["sha256"] == r["sha256"] and drill["files"] == 14
 
     target = tmp_path / "restored" / "run"
     out = backup.restore_backup(r["backup_id"], target)
     assert out["restored"] and Path(out["target_dir"]) == target
     assert tree(target) == expected_tree(run_dir)  # byte-identical, checkpoints left out
+    for rel in ("candidate/merged/model.safetensors", "candidate/adapter/adapter_model.safetensors", "train.jsonl"):
+        assert (target / rel).read_bytes() == (run_dir / rel).read_bytes()
     assert os.listdir(target.parent) == ["run"]  # the staging directory was renamed, not copied
 
     listing = backup.list_backups("product_intent")
@@ -362,7 +381,7 @@ def test_restore_refuses_a_non_empty_target(backed_up, tmp_path):
         backup.restore_backup(backed_up["backup_id"], target)
     assert os.listdir(target) == ["keep.txt"]
     out = backup.restore_backup(backed_up["backup_id"], target, overwrite=True)
-    assert out["files"] == 12 and not (target / "keep.txt").exists()
+    assert out["files"] == 14 and not (target / "keep.txt").exists()
     assert tree(target) == expected_tree(backed_up["run_dir"])
 
 
@@ -475,6 +494,195 @@ def test_pipeline_stages_backup_drill_prune_cleanup(s3env, run_dir, monkeypatch)
     assert (run_dir / "manifest.json").exists() and (run_dir / "decision.json").exists()
     monkeypatch.setenv("RETRAIN_BACKUP_ENABLED", "0")
     assert backup.backup_to_s3(run_dir)["skipped"]
+
+
+def test_cleanup_needs_a_drill_of_this_runs_backup_still_in_the_bucket(s3env, run_dir, tmp_path):
+    make_run(run_dir, big_mb=1, run_id="manual__a")
+    backup.backup_to_s3(run_dir)
+    backup.drill_backup(run_dir)
+    # Another run's directory holding a copy of this verified receipt (same dataset files): nothing is deleted.
+    other = tmp_path / "other"
+    other.mkdir()
+    make_run(other, big_mb=1, run_id="manual__b")
+    shutil.copy(run_dir / backup.RECEIPT_NAME, other / backup.RECEIPT_NAME)
+    foreign = backup.cleanup_stage(other)
+    assert foreign["removed"] == [] and "not verified" in foreign["skipped"] and (other / "batch.jsonl").exists()
+
+    # Another writer replaced this run's backup after the drill: cleanup refuses and deletes nothing.
+    backup.backup_run(other, use_case="product_intent", run_id="manual__a")
+    with pytest.raises(backup.BackupIntegrityError, match="no longer the archive the restore drill verified"):
+        backup.cleanup_stage(run_dir)
+    # ... or deleted it.
+    bid = backup.backup_id_for("product_intent", "manual__a")
+    s3env["client"].delete_objects(Bucket=s3env["bucket"], Delete={"Objects": [{"Key": k} for k in _keys(s3env, bid)]})
+    with pytest.raises(backup.BackupNotFoundError, match="nothing deleted locally"):
+        backup.cleanup_stage(run_dir)
+    assert all((run_dir / f).exists() for f in backup.DEFAULT_REMOVE)
+
+
+def test_cleanup_files_are_configurable(s3env, run_dir, monkeypatch):
+    from retrain.config import ConfigError, parse_use_case
+
+    make_run(run_dir, big_mb=1, run_id="manual__c")
+    backup.backup_to_s3(run_dir)
+    backup.drill_backup(run_dir)
+    monkeypatch.setenv("RETRAIN_BACKUP_CLEANUP_FILES", "batch.jsonl, rejected.jsonl")
+    assert sorted(backup.cleanup_stage(run_dir)["removed"]) == ["batch.jsonl", "rejected.jsonl"]
+    assert (run_dir / "train.jsonl").exists()
+
+    base = _uc().model_dump(mode="json")
+    uc = parse_use_case({**base, "backup": {"cleanup": False, "keep": 2}})
+    monkeypatch.setenv("RETRAIN_BACKUP_CLEANUP", "1")  # the use case's own setting wins over the environment
+    assert backup.backup_settings(uc) | {"cleanup_files": None} == {"enabled": True, "keep": 2, "cleanup": False,
+                                                                    "cleanup_files": None}
+    with pytest.raises(ConfigError, match="backup.cleanup_files"):
+        parse_use_case({**base, "backup": {"cleanup_files": ["../../etc/passwd"]}})
+    monkeypatch.setenv("RETRAIN_BACKUP_KEEP", "six")
+    with pytest.raises(backup.BackupError, match="RETRAIN_BACKUP_KEEP='six' is not a whole number"):
+        backup.backup_settings(_uc())
+
+
+def test_kms_wrapped_key_under_the_wrong_kms_key_is_refused(s3env, run_dir, tmp_path, monkeypatch):
+    from retrain import s3
+
+    kms = s3.kms_client()
+    key_id = kms.create_key(Description="retrain backups")["KeyMetadata"]["KeyId"]
+    other = kms.create_key(Description="another team")["KeyMetadata"]["KeyId"]
+    monkeypatch.setenv("RETRAIN_BACKUP_KMS_KEY_ID", key_id)
+    make_run(run_dir, big_mb=1)
+    bid = backup.backup_run(run_dir, use_case="email_intel", run_id="kms-2")["backup_id"]
+    _, manifest_key = _keys(s3env, bid)
+
+    def point_at_other_key(body: bytes) -> bytes:
+        m = json.loads(body)
+        m["key"]["key_id"] = other
+        return json.dumps(m).encode()
+
+    _rewrite(s3env, manifest_key, point_at_other_key)
+    msg = _restore_fails(bid, tmp_path, backup.BackupKeyError, "AWS KMS could not decrypt the data key", other)
+    assert "credentials allowed to decrypt" in msg
+
+
+@pytest.mark.parametrize("method", ["local", "kms"])
+def test_no_key_material_in_logs_or_task_results(s3env, run_dir, tmp_path, monkeypatch, caplog, pg_url, method):
+    """Every log record at DEBUG (botocore logs whole response bodies there, KMS data keys included) and every
+    value the DAG's backup tasks return to XCom is free of master keys and data keys, in any encoding."""
+    from retrain import pipeline, s3
+
+    seen: list[bytes] = []
+    real_new, real_unwrap = backup._new_data_key, backup._unwrap_data_key
+
+    def new(*args, **kwargs):
+        key, record = real_new(*args, **kwargs)
+        seen.append(key)
+        return key, record
+
+    def unwrap(*args, **kwargs):
+        key = real_unwrap(*args, **kwargs)
+        seen.append(key)
+        return key
+
+    monkeypatch.setattr(backup, "_new_data_key", new)
+    monkeypatch.setattr(backup, "_unwrap_data_key", unwrap)
+    if method == "kms":
+        monkeypatch.setenv("RETRAIN_BACKUP_KMS_KEY_ID", s3.kms_client().create_key()["KeyMetadata"]["KeyId"])
+    make_run(run_dir, big_mb=1, rows=60, run_id=f"keys-{method}")
+    caplog.set_level(logging.DEBUG)
+    results = [pipeline.backup(run_dir), pipeline.verify_backup(run_dir), pipeline.prune_backups(run_dir),
+               pipeline.cleanup(run_dir)]
+    bid = results[0]["backup_id"]
+    results += [backup.describe_backup(bid), backup.restore_backup(bid, tmp_path / "r"),
+                backup.list_backups("product_intent")]
+    assert results[1]["verified"] and results[3]["removed"]
+    assert len(seen) >= 4 and all(len(k) == 32 for k in seen)
+    secrets = {KEY_A, bytes(range(32)).hex(), base64.b64encode(bytes(range(32))).decode()}
+    for k in seen:
+        secrets |= {base64.b64encode(k).decode(), k.hex(), repr(k)[2:-1]}
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Response body" in logged  # botocore really logged at DEBUG: the check below means something
+    if method == "kms":
+        assert '"Plaintext": "***"' in logged or '"Plaintext":"***"' in logged
+    returned = json.dumps(results, default=str)
+    assert [s for s in secrets if s in logged] == [] and [s for s in secrets if s in returned] == []
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    # No Airflow connections to ask: the settings come from the environment (faster start, same code path).
+    full_env = {**os.environ, "RETRAIN_S3_CONN_ID": "", "RETRAIN_BACKUP_KEY_CONN_ID": "", **env}
+    return subprocess.run([str(Path(sys.executable).with_name("retrain")), "backup", *args], capture_output=True,
+                          text=True, env=full_env, timeout=300)
+
+
+def test_cli_restore_is_byte_identical_and_fails_with_clear_errors(backed_up, tmp_path):
+    bid, run_dir = backed_up["backup_id"], backed_up["run_dir"]
+    target = tmp_path / "cli" / "run"
+    proc = _cli("restore", bid, "--target-dir", str(target))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["restored"] and out["target_dir"] == str(target) and out["files"] == 14
+    assert tree(target) == expected_tree(run_dir)
+
+    proc = _cli("restore", bid, "--target-dir", str(target))
+    assert proc.returncode == 1 and "is not empty" in proc.stderr and "--overwrite" in proc.stderr
+    proc = _cli("restore", bid, "--target-dir", str(tmp_path / "cli" / "k"), RETRAIN_BACKUP_MASTER_KEY=KEY_B)
+    assert proc.returncode == 1 and "error: wrong master key" in proc.stderr and KEY_B not in proc.stderr
+
+    archive_key, _ = _keys(backed_up, bid)
+    _rewrite(backed_up, archive_key, lambda b: b[:5000] + bytes([b[5000] ^ 0x80]) + b[5001:])
+    proc = _cli("restore", bid, "--target-dir", str(tmp_path / "cli" / "t"))
+    assert proc.returncode == 1 and "failed authentication" in proc.stderr and "list_backups" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path / "cli")) == ["run"]  # no partial target, no staging directory
+
+
+def _states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
+
+
+@pytest.mark.integration
+def test_monthly_dag_ends_with_a_drilled_backup_that_restore_backup_restores(airflow_db, db_conn, s3env,
+                                                                              monkeypatch, tmp_path):
+    """The whole monthly DAG (OpenAI backend against the local fake server, S3 = moto): backup, drill, prune and
+    cleanup succeed; then the restore_backup DAG brings back exactly the files that were backed up."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from fake_openai import FakeOpenAI
+    from retrain.config import run_dir_for
+    from retrain.synthetic import seed_examples
+
+    fake = FakeOpenAI(polls_per_state=1)
+    base_url, stop = fake.start()
+    monkeypatch.setenv("OPENAI_API_KEY", fake.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+    monkeypatch.setenv("RETRAIN_OPENAI_POLL_SECONDS", "0.05")
+    monkeypatch.delenv("AIRFLOW_CONN_OPENAI_DEFAULT", raising=False)
+    bag = DagBag(str(REPO / "dags"))
+    try:
+        seed_examples(db_conn, _uc(), 600, seed=41, dirty=0.01)
+        run = bag.dags["retrain_product_intent"].test(run_conf={"backend": "openai"})
+    finally:
+        stop()
+    st = _states(run)
+    assert {t: st[t] for t in ("train_openai", "register_candidate", "evaluate_candidate", "backup_to_s3",
+                               "verify_backup", "prune_backups", "cleanup")} == dict.fromkeys(
+        ["train_openai", "register_candidate", "evaluate_candidate", "backup_to_s3", "verify_backup",
+         "prune_backups", "cleanup"], "success"), st
+    run_dir = run_dir_for("product_intent", run.run_id)
+    receipt = json.loads((run_dir / backup.RECEIPT_NAME).read_text())
+    assert receipt["drill"]["sha256"] == receipt["ciphertext_sha256"]
+    assert not (run_dir / "batch.jsonl").exists()  # cleanup ran, after the drill
+    backed = {f["path"]: f["sha256"] for f in receipt["files"]}
+    assert {"train.jsonl", "test.jsonl", "manifest.json", "decision.json", "candidate/train_result.json",
+            "evaluation/report.html", "evaluation/metrics.json"} <= set(backed)
+
+    target = tmp_path / "restored"
+    restore = bag.dags["restore_backup"].test(run_conf={"backup_id": receipt["backup_id"],
+                                                        "target_dir": str(target)})
+    assert _states(restore) == {"check_backup": "success", "restore": "success"}
+    assert tree(target) == backed  # byte-identical to what the run backed up, deleted files included
+    for rel in backed:
+        if (run_dir / rel).exists():
+            assert (target / rel).read_bytes() == (run_dir / rel).read_bytes()
 
 
 # --- the DAG ----------------------------------------------------------------------------------------------

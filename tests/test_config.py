@@ -80,6 +80,13 @@ def test_run_params_override_thresholds_and_reject_bad_values():
     applied = apply_params(uc, params)
     assert applied.training.backend == "openai" and applied.thresholds.min_score == 0.9
     assert applied.training.base_model == uc.training.base_model
+    # The base_model field names an OpenAI model on the openai backend, a local/HF model on qlora.
+    openai_run = apply_params(uc, parse_run_params({"backend": "openai", "base_model": "gpt-4.1-mini"}))
+    assert openai_run.training.openai_base_model == "gpt-4.1-mini"
+    assert openai_run.training.base_model == uc.training.base_model
+    qlora_run = apply_params(uc, parse_run_params({"base_model": "HuggingFaceTB/SmolLM2-360M-Instruct"}))
+    assert qlora_run.training.base_model == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert qlora_run.training.openai_base_model == uc.training.openai_base_model
     with pytest.raises(ConfigError, match="backend"):
         parse_run_params({"backend": "gpt"})
     with pytest.raises(ConfigError, match="sample_limit"):

@@ -460,6 +460,17 @@ def test_predict_openai_counts_errors_and_latency(chat_server, monkeypatch):
     assert 0.04 < stats["p50"] <= stats["p95"]  # the server sleeps 50 ms per request
 
 
+def test_openai_engine_reads_key_and_base_url_from_the_airflow_connection(chat_server, monkeypatch):
+    # The same connection the fine-tuning backend uses: password = key, extra base_url = the server. A baseline
+    # spec carries no base_url, so without reading the extra it would go to api.openai.com.
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(
+        {"conn_type": "generic", "password": "sk-from-conn", "extra": {"base_url": chat_server.base_url}}))
+    results = make_engine({"kind": "openai", "model": "gpt-4o-mini"}).generate([user_conv("q")], max_new_tokens=20)
+    assert results[0]["error"] is None
+    assert chat_server.requests[-1]["auth"] == "Bearer sk-from-conn"
+
+
 def test_openai_engine_without_key_says_where_to_put_it(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)

@@ -168,6 +168,52 @@ def _key_id(master: bytes) -> str:
     return "local:" + hmac.new(master, b"retrain-backup key id", hashlib.sha256).hexdigest()[:16]
 
 
+_PLAINTEXT = re.compile(r'("Plaintext"\s*:\s*")[^"]*(")')
+
+
+class _RedactKmsPlaintext(logging.Filter):
+    """botocore logs every response body at DEBUG, and a KMS GenerateDataKey/Decrypt body holds the plaintext
+    data key: a worker with DEBUG logging would write every backup's key into its task logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to break
+            return True
+        if "Plaintext" in msg:
+            record.msg, record.args = _PLAINTEXT.sub(r"\1***\2", msg), ()
+        return True
+
+
+_redactor = _RedactKmsPlaintext()
+
+
+def _kms(cfg: dict):
+    from retrain.s3 import kms_client
+
+    parsers = logging.getLogger("botocore.parsers")
+    if _redactor not in parsers.filters:
+        parsers.addFilter(_redactor)
+    return kms_client(cfg)
+
+
+def _mask(*secrets: str) -> None:
+    """Register key material with Airflow's log masker when running inside a task (no-op elsewhere: importing
+    Airflow just for this would slow the CLI and the benchmark down)."""
+    import sys
+
+    if "airflow.sdk.execution_time.task_runner" not in sys.modules:
+        return
+    try:
+        from airflow.sdk.log import mask_secret
+
+        for secret in secrets:
+            if secret:
+                mask_secret(secret)
+    except Exception as exc:  # noqa: BLE001 - masking is defence in depth; nothing logs keys in the first place
+        log.debug("could not register backup key material with the Airflow log masker: %s", type(exc).__name__)
+
+
 def _master_keys() -> tuple[list[tuple[str, bytes]], str]:
     """[(key id, key)] with the key that wraps new backups first, and where they came from."""
     texts: list[tuple[str, str]] = []
@@ -184,6 +230,7 @@ def _master_keys() -> tuple[list[tuple[str, bytes]], str]:
     for text, source in texts:
         for part in re.split(r"[,\s]+", text.strip()):
             if part:
+                _mask(part)
                 key = _parse_master_key(part, source)
                 keys.append((_key_id(key), key))
     return keys, (texts[0][1] if texts else "")
@@ -208,16 +255,17 @@ def _new_data_key(cfg: dict, backup_id: str, use_case: str) -> tuple[bytes, dict
     """(plaintext data key, key record for the manifest). The record holds only the wrapped key."""
     kms_key = _kms_key_id()
     if kms_key:
-        from retrain.s3 import error_code, kms_client
+        from retrain.s3 import error_code
 
         context = {"retrain:backup_id": backup_id, "retrain:use_case": use_case}
         try:
-            resp = kms_client(cfg).generate_data_key(KeyId=kms_key, KeySpec="AES_256", EncryptionContext=context)
+            resp = _kms(cfg).generate_data_key(KeyId=kms_key, KeySpec="AES_256", EncryptionContext=context)
         except Exception as exc:
             raise BackupKeyError(
                 f"AWS KMS GenerateDataKey with key {kms_key!r} failed ({error_code(exc) or type(exc).__name__}): check "
                 "RETRAIN_BACKUP_KMS_KEY_ID, that the key is enabled and that these credentials may use it"
             ) from None
+        _mask(_b64(resp["Plaintext"]))
         return resp["Plaintext"], {"method": "aws-kms", "key_id": resp["KeyId"],
                                    "wrapped_key": _b64(resp["CiphertextBlob"]), "encryption_context": context}
     keys, _ = _master_keys()
@@ -227,6 +275,7 @@ def _new_data_key(cfg: dict, backup_id: str, use_case: str) -> tuple[bytes, dict
 
     key_id, master = keys[0]
     data_key = os.urandom(32)
+    _mask(_b64(data_key))
     nonce = os.urandom(12)
     wrapped = nonce + AESGCM(master).encrypt(nonce, data_key, _wrap_aad(backup_id))
     return data_key, {"method": "aes-256-gcm", "key_id": key_id, "wrapped_key": _b64(wrapped)}
@@ -236,11 +285,11 @@ def _unwrap_data_key(cfg: dict, record: dict, backup_id: str) -> bytes:
     method = record.get("method")
     wrapped = _unb64(str(record.get("wrapped_key", "")), "wrapped key")
     if method == "aws-kms":
-        from retrain.s3 import error_code, kms_client
+        from retrain.s3 import error_code
 
         try:
-            resp = kms_client(cfg).decrypt(CiphertextBlob=wrapped, KeyId=record["key_id"],
-                                           EncryptionContext=record.get("encryption_context") or {})
+            resp = _kms(cfg).decrypt(CiphertextBlob=wrapped, KeyId=record["key_id"],
+                                     EncryptionContext=record.get("encryption_context") or {})
         except Exception as exc:
             raise BackupKeyError(
                 f"AWS KMS could not decrypt the data key of backup {backup_id} "
@@ -248,6 +297,7 @@ def _unwrap_data_key(cfg: dict, record: dict, backup_id: str) -> bytes:
                 "credentials allowed to decrypt with that key (and check it is not disabled or scheduled for deletion)"
             ) from None
         key = resp["Plaintext"]
+        _mask(_b64(key))
         if len(key) != 32:
             raise BackupIntegrityError(f"KMS returned a {len(key)}-byte data key for backup {backup_id}, expected 32")
         return key
@@ -273,12 +323,14 @@ def _unwrap_data_key(cfg: dict, record: dict, backup_id: str) -> bytes:
         raise BackupIntegrityError(f"the wrapped data key of backup {backup_id} has the wrong length: the manifest "
                                    "was modified; restore another backup (list_backups)")
     try:
-        return AESGCM(match[0]).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(backup_id))
+        key = AESGCM(match[0]).decrypt(wrapped[:12], wrapped[12:], _wrap_aad(backup_id))
     except InvalidTag:
         raise BackupIntegrityError(
             f"the wrapped data key of backup {backup_id} failed authentication although the master key id matches: "
             "the manifest was modified or copied from another backup; restore another backup (list_backups)"
         ) from None
+    _mask(_b64(key))
+    return key
 
 
 def _sse_args(kms_key: str | None) -> dict[str, str]:
@@ -344,7 +396,9 @@ def select_files(run_dir: str | Path, include_files: Sequence[str] = INCLUDE_FIL
             continue
         for dirpath, dirnames, filenames in os.walk(base):
             rel_dir = Path(dirpath).relative_to(root).as_posix()
+            # A crashed training attempt leaves adapter.tmp/ or merged.tmp/ behind: not worth keeping.
             dirnames[:] = sorted(n for n in dirnames if f"{rel_dir}/{n}" not in EXCLUDE_DIRS
+                                 and not n.endswith((".tmp", ".partial"))
                                  and not (Path(dirpath) / n).is_symlink())
             for n in filenames:
                 p = Path(dirpath) / n
@@ -1122,7 +1176,7 @@ def describe_backup(backup_id: str) -> dict:
     return {"backup_id": backup_id, "use_case": manifest["use_case"], "run_id": manifest["run_id"],
             "created_at": manifest["created_at"], "files": len(manifest["files"]),
             "bytes": sum(f["bytes"] for f in manifest["files"]), "ciphertext_bytes": size,
-            "key_method": manifest["key"]["method"], "key_id": manifest["key"]["key_id"]}
+            "sha256": a["sha256"], "key_method": manifest["key"]["method"], "key_id": manifest["key"]["key_id"]}
 
 
 def default_restore_dir(backup_id: str) -> Path:
@@ -1147,8 +1201,8 @@ def restore_backup(backup_id: str, target_dir: str | Path | None = None, *, over
     if target.exists() and not target.is_dir():
         raise BackupError(f"restore target {target} exists and is not a directory: choose another target_dir")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise BackupError(f"restore target {target} is not empty: choose a new or empty target_dir, or pass "
-                          "overwrite=True to replace it")
+        raise BackupError(f"restore target {target} is not empty: choose a new or empty target directory, or "
+                          "replace it as a whole with --overwrite (CLI) / overwrite=true (restore_backup DAG)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
     staging_real = staging.resolve()
@@ -1321,7 +1375,8 @@ def cleanup_run(run_dir: str | Path, *, verified: bool, remove: Sequence[str] = 
 
 def backup_settings(uc) -> dict:
     """Backup policy of a use case: its ``backup:`` section when the config has one, else the environment
-    (RETRAIN_BACKUP_ENABLED, RETRAIN_BACKUP_KEEP, RETRAIN_BACKUP_CLEANUP), else the defaults."""
+    (RETRAIN_BACKUP_ENABLED, RETRAIN_BACKUP_KEEP, RETRAIN_BACKUP_CLEANUP, RETRAIN_BACKUP_CLEANUP_FILES as
+    comma-separated paths/globs relative to the run directory), else the defaults."""
     section = getattr(uc, "backup", None)
 
     def pick(name: str, env: str, default, cast):
@@ -1333,14 +1388,22 @@ def backup_settings(uc) -> dict:
     def flag(text: str) -> bool:
         return text.lower() not in ("0", "false", "no", "off")
 
-    keep = pick("keep", "RETRAIN_BACKUP_KEEP", 6, int)
+    def count(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise BackupError(f"RETRAIN_BACKUP_KEEP={text!r} is not a whole number; set how many backups to keep "
+                              "per use case, e.g. 6") from None
+
+    keep = pick("keep", "RETRAIN_BACKUP_KEEP", 6, count)
     if keep < 1:
         raise BackupError(f"backup keep={keep} must be at least 1 (RETRAIN_BACKUP_KEEP or backup.keep in the use case)")
     return {
         "enabled": pick("enabled", "RETRAIN_BACKUP_ENABLED", True, flag),
         "keep": keep,
         "cleanup": pick("cleanup", "RETRAIN_BACKUP_CLEANUP", True, flag),
-        "cleanup_files": tuple(getattr(section, "cleanup_files", None) or DEFAULT_REMOVE),
+        "cleanup_files": tuple(pick("cleanup_files", "RETRAIN_BACKUP_CLEANUP_FILES", DEFAULT_REMOVE,
+                                    lambda text: [p.strip() for p in text.split(",") if p.strip()])),
     }
 
 
@@ -1398,14 +1461,31 @@ def prune_stage(run_dir: str | Path) -> dict:
 
 
 def cleanup_stage(run_dir: str | Path) -> dict:
-    """Stage ``cleanup``: delete local training data, only if the drill verified this run's backup."""
+    """Stage ``cleanup``: delete local training data, only if the drill verified this run's backup and the
+    bucket still holds that very archive."""
     run_dir = Path(run_dir)
-    uc, _ = _load_run(run_dir)
+    uc, meta = _load_run(run_dir)
     policy = backup_settings(uc)
     if not policy["cleanup"]:
         return {"run_dir": str(run_dir), "removed": [], "kept": [], "bytes_freed": 0,
                 "skipped": "cleanup is disabled (backup.cleanup / RETRAIN_BACKUP_CLEANUP)"}
     receipt = _receipt(run_dir) or {}
     drill = receipt.get("drill") or {}
-    verified = bool(drill) and drill.get("sha256") == receipt.get("ciphertext_sha256")
+    own_id = backup_id_for(uc.name, meta["run_id"])
+    # A receipt copied along with a run directory describes another run's backup: it licenses nothing here.
+    verified = (bool(drill) and drill.get("sha256") == receipt.get("ciphertext_sha256")
+                and receipt.get("backup_id") == own_id)
+    if verified:
+        # The drill may be hours old (a cleared task, a paused DAG): before the local copy goes, make sure that a
+        # prune or another writer has not removed or replaced the archive it verified.
+        try:
+            current = describe_backup(own_id)
+        except BackupNotFoundError as exc:
+            raise BackupNotFoundError(f"nothing deleted locally: the backup the restore drill verified is gone. "
+                                      f"{exc}") from None
+        if current["sha256"] != drill["sha256"]:
+            raise BackupIntegrityError(
+                f"backup {own_id} in the bucket is no longer the archive the restore drill verified (its ciphertext "
+                "hash changed since): nothing deleted. Clear backup_to_s3 of this run to back it up and drill again"
+            )
     return cleanup_run(run_dir, verified=verified, remove=policy["cleanup_files"])

@@ -97,6 +97,27 @@ class TrainingConfig(_Strict):
         return self
 
 
+class BackupConfig(_Strict):
+    """Encrypted backup policy (retrain.backup.backup_settings). An unset field falls back to its RETRAIN_BACKUP_*
+    environment variable, then to the default, so one deployment-wide setting still works."""
+
+    enabled: bool | None = Field(None, description="back up each run to S3 (default true)")
+    keep: int | None = Field(None, ge=1, description="newest complete backups kept per use case (default 6)")
+    cleanup: bool | None = Field(None, description="delete local training data after a verified backup (default "
+                                                   "true)")
+    cleanup_files: list[str] | None = Field(
+        None, description="paths or globs relative to the run directory deleted by cleanup (default: batch, "
+                          "rejected and split JSONL files)")
+
+    @field_validator("cleanup_files")
+    @classmethod
+    def _relative(cls, v: list[str] | None) -> list[str] | None:
+        for pattern in v or []:
+            if not pattern.strip() or pattern.startswith("/") or ".." in Path(pattern).parts:
+                raise ValueError(f"'{pattern}' must be a path or glob inside the run directory (relative, no '..')")
+        return v
+
+
 class FieldRoles(_Strict):
     """Which output fields are scored how. Dotted paths address nested objects (``entities.po_number``)."""
 
@@ -116,6 +137,7 @@ class UseCase(_Strict):
     thresholds: Thresholds = Thresholds()
     data: DataRules = DataRules()
     training: TrainingConfig = TrainingConfig()
+    backup: BackupConfig = BackupConfig()
 
     @field_validator("name")
     @classmethod
@@ -275,7 +297,10 @@ def apply_params(uc: UseCase, params: RunParams) -> UseCase:
     if params.backend:
         data["training"]["backend"] = params.backend
     if params.base_model:
-        data["training"]["base_model"] = params.base_model
+        # One form field, two backends: an OpenAI model name must not become the local (qlora) base model, and
+        # the first run's baseline (registry.baseline_spec) must be the model the candidate was tuned from.
+        key = "openai_base_model" if data["training"]["backend"] == "openai" else "base_model"
+        data["training"][key] = params.base_model
     for key in Thresholds.model_fields:
         value = getattr(params, key)
         if value is not None:

@@ -121,14 +121,38 @@ def connection(dsn: str | None = None) -> Iterator[Any]:
         conn.close()
 
 
-def ensure_schema(conn) -> None:
-    """Create tables and indexes if missing; safe to run concurrently and repeatedly."""
+def ensure_schema(conn, *, commit: bool = True) -> None:
+    """Create tables and indexes if missing (include/sql/schema.sql); safe to run concurrently and repeatedly.
+
+    ``commit=False`` leaves the DDL and the schema lock in the caller's open transaction, to commit with it.
+    """
     sql = SCHEMA_SQL.read_text(encoding="utf-8")
     with conn.cursor() as cur:
         # CREATE ... IF NOT EXISTS still races on the catalog when two runs start at once.
         cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.schema'))")
         cur.execute(sql)
-    conn.commit()
+    if commit:
+        conn.commit()
+
+
+def ensure_schema_once(conn, ready: set[str]) -> bool:
+    """ensure_schema once per process per database (``ready`` holds the DSNs already done), for modules that are
+    handed a connection rather than opening it (registry, run metrics).
+
+    Returns True when the DDL was left pending in a transaction the caller already had open: the caller commits
+    it with its own work and only then adds ``conn.dsn`` to ``ready``.
+    """
+    import psycopg2.extensions as ext
+
+    if conn.dsn in ready:
+        return False
+    if conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE:
+        ensure_schema(conn)
+        ready.add(conn.dsn)
+        return False
+    # An earlier read left a transaction open: committing here could commit someone else's half-done work.
+    ensure_schema(conn, commit=False)
+    return True
 
 
 def count_examples(conn, use_case: str) -> int:

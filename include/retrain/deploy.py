@@ -260,8 +260,7 @@ def run_rollback(use_case: str, *, to_version: int | None = None, reason: str, a
         raise RegistryError(f"the rollback reason must be at least {MIN_REASON_CHARS} characters (it is what the "
                             f"history shows later): say what is wrong with the current model")
     with db.connection() as conn:
-        db.ensure_schema(conn)
-        registry.ensure_registry_schema(conn)
+        registry.ensure_registry_schema(conn)  # schema.sql, and marks it applied for the registry's writes
         result = rollback_deploy(conn, use_case=use_case, to_version=to_version, actor=actor, reason=reason,
                                  run_id=run_id)
     if result["changed"]:

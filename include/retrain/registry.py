@@ -20,35 +20,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Folded into include/sql/schema.sql by the lead; applied here too so the registry works on a database created
-# before the history table existed. Every statement is idempotent.
-REGISTRY_DDL = """
-CREATE TABLE IF NOT EXISTS model_events (
-    id          BIGSERIAL PRIMARY KEY,
-    use_case    TEXT        NOT NULL,
-    version     INTEGER     NOT NULL,
-    action      TEXT        NOT NULL CHECK (action IN ('register', 'decide', 'promote', 'reject', 'rollback')),
-    from_status TEXT,
-    to_status   TEXT        NOT NULL,
-    actor       TEXT        NOT NULL,
-    reason      TEXT        NOT NULL DEFAULT '',
-    run_id      TEXT,
-    details     JSONB       NOT NULL DEFAULT '{}'::jsonb,
-    at          TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS model_events_use_case_idx ON model_events (use_case, id);
--- A retried training task registers its run again: one version per (use case, run), enforced by the database.
-CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_per_run
-    ON model_versions (use_case, run_id) WHERE run_id IS NOT NULL;
-"""
-
 STATUSES = ("candidate", "production", "rejected", "retired")
 _COLUMNS = ("id", "use_case", "version", "backend", "base_model", "artifact", "run_id", "metrics", "decision",
             "status", "created_at", "updated_at")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM model_versions"
 _EVENT_COLUMNS = ("id", "use_case", "version", "action", "from_status", "to_status", "actor", "reason", "run_id",
                   "details", "at")
-_ready: set[str] = set()  # DSNs whose registry DDL is known to be committed (per process)
+_ready: set[str] = set()  # DSNs whose schema.sql is known to be committed (per process)
 
 
 class RegistryError(RuntimeError):
@@ -56,29 +34,19 @@ class RegistryError(RuntimeError):
 
 
 def ensure_registry_schema(conn) -> None:
-    """Create the registry's extra table and indexes if missing (commits)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.schema'))")  # same lock as db.ensure_schema
-        cur.execute(REGISTRY_DDL)
-    conn.commit()
+    """Apply include/sql/schema.sql (model_versions, model_events and their indexes among it); commits."""
+    from retrain import db
+
+    db.ensure_schema(conn)
     _ready.add(conn.dsn)
 
 
 def _ensure_ready(conn) -> bool:
-    """Apply REGISTRY_DDL once per process; True if it ran inside a transaction that the caller must commit."""
-    import psycopg2.extensions as ext
+    """Apply schema.sql once per process, so the registry also works on a database created before the history
+    table existed. True if it ran inside the caller's open transaction, which the caller must commit."""
+    from retrain import db
 
-    if conn.dsn in _ready:
-        return False
-    if conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE:
-        ensure_registry_schema(conn)
-        return False
-    # A transaction is open (an earlier read on this connection): committing here could commit someone else's
-    # work, so the DDL commits together with the operation that follows.
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.schema'))")
-        cur.execute(REGISTRY_DDL)
-    return True
+    return db.ensure_schema_once(conn, _ready)
 
 
 @contextmanager

@@ -21,31 +21,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-RUNS_DDL = """
--- One row per DAG run of a use case: what each stage took and what it found (written by retrain.runs).
-CREATE TABLE IF NOT EXISTS pipeline_runs (
-    use_case         TEXT        NOT NULL,
-    run_id           TEXT        NOT NULL,
-    status           TEXT        NOT NULL DEFAULT 'running',
-    run_dir          TEXT,
-    stages           JSONB       NOT NULL DEFAULT '{}'::jsonb,   -- {stage: seconds}, last attempt wins
-    stage_order      TEXT[]      NOT NULL DEFAULT '{}',          -- stages in the order they first finished
-    rows_collected   INTEGER,
-    rows_rejected    INTEGER,
-    validation       JSONB,                                      -- {"success": bool, "failed": [...], ...}
-    metrics          JSONB,                                      -- {"baseline": {...}, "candidate": {...}}
-    decision         TEXT,                                       -- GO | NO-GO
-    decision_reasons JSONB,                                      -- ["one line per failed/decisive check", ...]
-    model_version    INTEGER,
-    backup_id        TEXT,
-    error            TEXT,
-    started_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (use_case, run_id)
-);
-CREATE INDEX IF NOT EXISTS pipeline_runs_recent_idx ON pipeline_runs (started_at DESC);
-"""
-
 # Fields a stage may report, with how they are stored. JSON columns take any JSON-able value.
 _TEXT = ("status", "run_dir", "decision", "backup_id", "error")
 _INT = ("rows_collected", "rows_rejected", "model_version")
@@ -56,13 +31,23 @@ _COLUMNS = ("use_case", "run_id", "status", "run_dir", "stages", "stage_order", 
             "decision", "decision_reasons", "backup_id", "error", "started_at", "updated_at")
 
 
+_ready: set[str] = set()  # DSNs whose schema.sql is known to be committed (per process)
+
+
 def ensure_runs_schema(conn) -> None:
-    """Create pipeline_runs if missing; safe to run concurrently and repeatedly."""
-    with conn.cursor() as cur:
-        # Same lock as retrain.db.ensure_schema: CREATE ... IF NOT EXISTS still races on the catalog.
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.schema'))")
-        cur.execute(RUNS_DDL)
-    conn.commit()
+    """Apply include/sql/schema.sql (pipeline_runs among it); safe to run concurrently and repeatedly. Commits."""
+    from retrain import db
+
+    db.ensure_schema(conn)
+    _ready.add(conn.dsn)
+
+
+def _ensure_ready(conn) -> None:
+    """schema.sql once per process per database, not once per stage (each stage records on a fresh connection)."""
+    from retrain import db
+
+    # Were a transaction already open, the DDL would join it and record_stage's commit would commit both.
+    db.ensure_schema_once(conn, _ready)
 
 
 def _check(fields: dict[str, Any]) -> None:
@@ -183,7 +168,7 @@ def record_run_stage(run_dir: str | Path, stage: str, seconds: float | None, **f
         from retrain import db
 
         with db.connection() as conn:
-            ensure_runs_schema(conn)
+            _ensure_ready(conn)
             return record_stage(conn, use_case=use_case, run_id=meta["run_id"], stage=stage, seconds=seconds,
                                 run_dir=str(run_dir), **fields)
     except (TypeError, ValueError):
@@ -223,7 +208,7 @@ def failure_recorder(use_case: str):
         p = alert_payload(context)
         try:
             with db.connection() as conn:
-                ensure_runs_schema(conn)
+                _ensure_ready(conn)
                 record_stage(conn, use_case=use_case, run_id=p["run_id"], stage=p["task_id"], seconds=None,
                              status="failed", error=f"{p['task_id']}: {p['error']}")
         except Exception as exc:  # noqa: BLE001 - see docstring

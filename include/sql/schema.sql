@@ -93,8 +93,8 @@ CREATE INDEX IF NOT EXISTS model_events_use_case_idx ON model_events (use_case, 
 CREATE UNIQUE INDEX IF NOT EXISTS model_versions_one_per_run
     ON model_versions (use_case, run_id) WHERE run_id IS NOT NULL;
 
--- One row per DAG run: stage durations, rows, validation, metrics, decision, backup (the UI page reads it).
--- One row per DAG run of a use case: what each stage took and what it found (written by retrain.runs).
+-- One row per DAG run of a use case: stage durations, rows, validation, metrics, decision, backup. Written by
+-- retrain.runs stage by stage; the UI page reads it.
 CREATE TABLE IF NOT EXISTS pipeline_runs (
     use_case         TEXT        NOT NULL,
     run_id           TEXT        NOT NULL,

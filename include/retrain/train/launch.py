@@ -15,6 +15,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
 STDERR_TAIL_LINES = 60
+_PROGRESS_BAR = re.compile(r"\d+%\|")
 
 
 class TrainingFailed(RuntimeError):
@@ -166,7 +168,9 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
                 with lock:
                     log_file.write("[stderr] " + line + "\n")
                     log_file.flush()
-                if line.strip():
+                # tqdm redraws a bar with carriage returns, which text mode splits into one line per redraw:
+                # a 272-tensor GGUF conversion became 272 task-log lines. Only a finished bar reaches the log.
+                if line.strip() and not (_PROGRESS_BAR.search(line) and "100%" not in line):
                     log.info("trainer stderr: %s", line)
 
         reader = threading.Thread(target=pump_stderr, name="trainer-stderr", daemon=True)

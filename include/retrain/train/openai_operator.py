@@ -10,12 +10,15 @@ or re-attaches to the job, then defers -> ``OpenAIFineTuneTrigger`` (triggerer, 
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
+
+DEFAULT_POLL_SECONDS = 30.0
 
 
 class OpenAIFineTuneOperator(BaseOperator):
@@ -28,7 +31,8 @@ class OpenAIFineTuneOperator(BaseOperator):
         param, then ``training.max_cost_usd``, then 10 USD.
     :param model: base model (templated). None: the run's ``base_model`` param, then
         ``training.openai_base_model``.
-    :param poll_interval: seconds between the trigger's polls
+    :param poll_interval: seconds between the trigger's polls. None: $RETRAIN_OPENAI_POLL_SECONDS on the worker,
+        else 30 (jobs take minutes to hours; tests poll a local server every few milliseconds)
     :param max_backoff: longest wait between polls after repeated 429/5xx answers
     :param job_timeout: how long the job may take (queue + training); past it the job is cancelled and the task
         fails
@@ -44,7 +48,7 @@ class OpenAIFineTuneOperator(BaseOperator):
         conn_id: str = "openai_default",
         max_cost_usd: float | str | None = None,
         model: str | None = None,
-        poll_interval: float = 30.0,
+        poll_interval: float | None = None,
         max_backoff: float = 600.0,
         job_timeout: timedelta = timedelta(hours=24),
         **kwargs: Any,
@@ -57,6 +61,12 @@ class OpenAIFineTuneOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
         self.job_timeout = job_timeout
+
+    def _poll_interval(self) -> float:
+        # Read on the worker at run time, not at parse time: the DAG file stays free of environment lookups.
+        if self.poll_interval is not None:
+            return float(self.poll_interval)
+        return float(os.environ.get("RETRAIN_OPENAI_POLL_SECONDS") or DEFAULT_POLL_SECONDS)
 
     def _credentials(self) -> tuple[str | None, str | None]:
         from retrain.train.openai_trigger import resolve_credentials
@@ -83,7 +93,7 @@ class OpenAIFineTuneOperator(BaseOperator):
             trigger=OpenAIFineTuneTrigger(
                 job_id=job["job_id"],
                 conn_id=self.conn_id,
-                poll_interval=self.poll_interval,
+                poll_interval=self._poll_interval(),
                 max_backoff=self.max_backoff,
                 deadline=time.time() + self.job_timeout.total_seconds(),
             ),

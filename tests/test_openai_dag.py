@@ -1,0 +1,303 @@
+"""The real `retrain_product_intent` DAG with backend `openai`, end to end through the deferral (issue 5).
+
+What is a test double here, and only that: tests/fake_openai.py stands in for OpenAI's service (files, fine-tuning
+jobs, events, chat completions) on 127.0.0.1, and moto stands in for S3. Everything else is the real thing: the
+DAG from dags/, dag.test() (which runs the trigger in-process the way the triggerer would), the real `openai`
+client in the operator, the trigger and the inference layer, the embedded PostgreSQL, Great Expectations, the
+registry, the gate, the encrypted backup and its restore drill.
+
+For the evaluation to mean something, the fake's "fine-tuned" model answers from what its job's training file
+taught it (exact recall of seen prompts, nearest neighbours for unseen ones: fake_openai.LearnedModel) and never
+sees the test set, while the base model does not know the task and always gives the same answer. So the GO
+below is earned on the frozen test set, not scripted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from fake_openai import FakeOpenAI
+from retrain.config import load_use_case, run_dir_for
+from retrain.deploy import use_case_models_dir
+from retrain.synthetic import generate_rows, seed_examples
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+UC = load_use_case("product_intent")
+BASE = UC.training.openai_base_model
+ROWS, SEED = 600, 41
+# An untuned base model: valid JSON in the right shape, but the same guess for every query.
+BASE_ANSWER = json.dumps({"intent_type": "PERSONAL_USE", "budget_tier": "unspecified", "category": "unspecified",
+                          "recipient": "self", "context_tags": ["personal"], "priority_features": ["good_reviews"]})
+ALL_TASKS = ("prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset",
+             "choose_backend", "train_openai", "register_candidate", "evaluate_candidate", "decide", "deploy_model",
+             "backup_to_s3", "verify_backup", "prune_backups", "cleanup")
+
+
+@pytest.fixture(scope="module")
+def dagbag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(REPO / "dags"))
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def fake(monkeypatch, s3_server, tmp_path):
+    server = FakeOpenAI(polls_per_state=1, base_model_answer=BASE_ANSWER)
+    base_url, stop = server.start()
+    # Credentials and the server's URL from the Airflow connection (what production uses), not the environment:
+    # training, the trigger and evaluation must all read it the same way.
+    monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(
+        {"conn_type": "generic", "password": server.api_key, "extra": {"base_url": base_url}}))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("RETRAIN_OPENAI_POLL_SECONDS", "0.05")  # the fake moves one state per poll
+    monkeypatch.setenv("RETRAIN_S3_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("RETRAIN_S3_BUCKET", f"openai-dag-{tmp_path.name[-20:].lower().replace('_', '-')}")
+    monkeypatch.setenv("RETRAIN_BACKUP_MASTER_KEY", base64.b64encode(bytes(range(32))).decode())
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RETRAIN_BACKUP_KMS_KEY_ID", "RETRAIN_S3_SSE", "AIRFLOW_CONN_AWS_DEFAULT", "AIRFLOW_CONN_RETRAIN_S3"):
+        monkeypatch.delenv(k, raising=False)
+    yield server
+    stop()
+
+
+@pytest.fixture
+def task_log(caplog):
+    """Everything the run logs, as text: the stdlib loggers (our modules, through caplog) and Airflow's structlog
+    loggers (the trigger's self.log, the task runner), through a processor put first in structlog's chain.
+    Captured before Airflow's secret masker runs, so "the key is not in the log" means the code never logged it.
+    (capsys/capfd cannot be used: Airflow's log handlers keep the stdout object that existed when logging was
+    configured, which is pytest's global capture, not the fixture's.)"""
+    import structlog
+
+    caplog.set_level(logging.INFO)
+    lines: list[str] = []
+
+    def capture(_logger, _method, event_dict):
+        event, args = str(event_dict.get("event", "")), event_dict.get("positional_args")
+        try:
+            event = event % tuple(args) if args else event
+        except (TypeError, ValueError):
+            pass
+        lines.append(event)
+        exc = event_dict.get("exc_info")  # "Task failed with exception": the message is in the exception
+        if exc is True:
+            exc = sys.exc_info()
+        if isinstance(exc, BaseException):
+            exc = (type(exc), exc, exc.__traceback__)
+        if isinstance(exc, tuple) and exc[0] is not None:
+            lines.append("".join(traceback.format_exception(*exc)))
+        return event_dict
+
+    processors = structlog.get_config()["processors"]
+    processors.insert(0, capture)
+
+    def text() -> str:
+        return "\n".join(lines) + "\n" + caplog.text
+
+    def clear() -> None:
+        lines.clear()
+        caplog.clear()
+
+    text.clear = clear  # type: ignore[attr-defined]
+    yield text
+    processors.remove(capture)
+
+
+def states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
+
+
+def registry_rows(db_conn) -> list[dict]:
+    from retrain import registry
+
+    db_conn.rollback()  # a fresh snapshot: the DAG committed through its own connections
+    return registry.versions(db_conn, "product_intent")
+
+
+def test_openai_backend_runs_end_to_end_through_the_deferral(db_conn, dagbag, fake, task_log):
+    seed_examples(db_conn, UC, ROWS, seed=SEED, dirty=0.01)
+    dag = dagbag.dags["retrain_product_intent"]
+    task_log.clear()
+
+    run = dag.test(run_conf={"backend": "openai"})
+    out = task_log()
+    st = states(run)
+    assert {t: st[t] for t in ALL_TASKS} == dict.fromkeys(ALL_TASKS, "success"), out[-5000:]
+    assert st["train_qlora"] == "skipped" and st["reject_candidate"] == "skipped"
+    assert str(run.state).endswith("success")
+    run_dir = run_dir_for("product_intent", run.run_id)
+
+    # upload -> job -> deferral -> model id
+    (job,) = fake.jobs.values()
+    assert job["status"] == "succeeded" and job["model"] == BASE
+    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": "auto"}
+    assert {f["filename"]: f["purpose"] for f in fake.files.values()} == {"train.jsonl": "fine-tune",
+                                                                         "val.jsonl": "fine-tune"}
+    model_id = job["fine_tuned_model"]
+    assert model_id.startswith(f"ft:{BASE}:")
+    assert "[DAG TEST] running trigger in line" in out  # the task really deferred and the trigger polled
+    assert fake.count("GET", "/v1/fine_tuning/jobs/{id}") >= 3
+    # OpenAI's events reached the task log, in order, and the run directory.
+    assert out.index("[openai info] Validating training file") < out.index("[openai info] Fine-tuning job started") \
+        < out.index("[openai info] The job has successfully completed")
+    events = (run_dir / "candidate" / "openai_events.jsonl").read_text()
+    assert f"New fine-tuned model created: {model_id}" in events
+    train_result = json.loads((run_dir / "candidate" / "train_result.json").read_text())
+    assert train_result["model_id"] == model_id and train_result["job_id"] == job["id"]
+    assert train_result["base_url"] == fake.base_url
+
+    # register_candidate: the fine-tuned model id is the artifact, and it went to production on GO.
+    (row,) = registry_rows(db_conn)
+    assert (row["backend"], row["artifact"], row["base_model"], row["status"]) == ("openai", model_id, BASE,
+                                                                                   "production")
+    assert row["run_id"] == run.run_id and row["decision"]["decision"] == "GO"
+
+    # evaluate_candidate: both models answered every test example through chat completions.
+    models = json.loads((run_dir / "evaluation" / "models.json").read_text())
+    assert models["baseline"]["model"] == BASE and models["baseline"]["baseline_kind"] == "base_model"
+    assert models["candidate"]["model"] == model_id
+    n_test = sum(1 for _ in open(run_dir / "evaluation" / "predictions_candidate.jsonl"))
+    assert n_test > 30 and fake.count("POST", "/v1/chat/completions") == 2 * n_test
+    for name in ("baseline", "candidate"):
+        preds = [json.loads(ln) for ln in open(run_dir / "evaluation" / f"predictions_{name}.jsonl")]
+        assert [p["error"] for p in preds] == [None] * n_test
+
+    # decide: a GO earned on the frozen test set.
+    decision = json.loads((run_dir / "decision.json").read_text())
+    assert decision["decision"] == "GO", decision["summary"]
+    assert decision["baseline_kind"] == "base_model"
+    assert decision["candidate_score"] >= 0.85 > 0.5 > decision["baseline_score"]
+    assert (run_dir / "evaluation" / "report.html").is_file()
+    # deploy_model: an OpenAI production model has no files to serve, only a pointer to its id.
+    pointer = json.loads((use_case_models_dir("product_intent") / "production.json").read_text())
+    assert (pointer["kind"], pointer["model"], pointer["version"]) == ("openai", model_id, row["version"])
+
+    # backup -> drill -> prune -> cleanup ran on this run's outputs; the local training data is gone.
+    assert (run_dir / "backup.json").is_file() and not (run_dir / "train.jsonl").exists()
+
+    # No plaintext personal data left the machine: scan exactly the bytes OpenAI received.
+    sent = fake.uploaded_bytes().decode("utf-8")
+    planted = {p for r in generate_rows(UC, ROWS, seed=SEED, dirty=0.01) for p in r["pii"]}
+    assert len(planted) > 100 and len(sent) > 20_000
+    assert [p for p in planted if p in sent] == []
+    assert "[EMAIL]" in sent and "[PHONE]" in sent  # the rows that carried personal data went, scrubbed
+    # The key reached the server on every request and nowhere else: not the log, not the run directory.
+    assert set(fake.auth_headers) == {f"Bearer {fake.api_key}"}
+    assert fake.api_key not in out
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and fake.api_key in p.read_text(errors="replace")]
+
+    # Next month: the fine-tuned production model is now the baseline (through the same server), and a new
+    # candidate trained on the grown dataset is about as good, so the gate says NO-GO (a decision, not a failure).
+    seed_examples(db_conn, UC, 300, seed=SEED + 1, dirty=0.01, start=datetime.now(timezone.utc))
+    task_log.clear()
+    run2 = dag.test(run_conf={"backend": "openai"})
+    out2 = task_log()
+    st2 = states(run2)
+    assert st2["reject_candidate"] == "success" and st2["deploy_model"] == "skipped", out2[-5000:]
+    assert st2["cleanup"] == "success" and str(run2.state).endswith("success")
+    run_dir2 = run_dir_for("product_intent", run2.run_id)
+    models2 = json.loads((run_dir2 / "evaluation" / "models.json").read_text())
+    assert models2["baseline"]["baseline_kind"] == "production" and models2["baseline"]["model"] == model_id
+    decision2 = json.loads((run_dir2 / "decision.json").read_text())
+    assert decision2["decision"] == "NO-GO" and "min_relative_improvement" in decision2["failed"], \
+        decision2["summary"]
+    assert len(fake.jobs) == 2
+    rows = {r["version"]: r for r in registry_rows(db_conn)}
+    assert rows[1]["status"] == "production" and rows[2]["status"] == "rejected"
+    assert rows[2]["artifact"] == next(j["fine_tuned_model"] for j in fake.jobs.values() if j["id"] != job["id"])
+    sent = fake.uploaded_bytes().decode("utf-8")  # both months' uploads
+    planted |= {p for r in generate_rows(UC, 300, seed=SEED + 1, dirty=0.01) for p in r["pii"]}
+    assert [p for p in planted if p in sent] == []
+
+
+def test_cost_gate_refuses_an_oversized_run_before_anything_is_uploaded(db_conn, dagbag, fake, task_log):
+    seed_examples(db_conn, UC, 300, seed=SEED + 2, dirty=0.0)
+    dag = dagbag.dags["retrain_product_intent"]
+    task_log.clear()
+    run = dag.test(run_conf={"backend": "openai", "max_cost_usd": 0.0001})
+    out = task_log()
+    st = states(run)
+    assert st["validate_dataset"] == "success" and st["train_openai"] == "failed", out[-5000:]
+    assert {st[t] for t in ("register_candidate", "evaluate_candidate", "decide", "backup_to_s3")} == \
+        {"upstream_failed"}
+    report = json.loads((run_dir_for("product_intent", run.run_id) / "candidate" /
+                         "openai_format_check.json").read_text())
+    estimate = report["estimate"]["estimated_usd"]
+    assert estimate > 0.0001
+    # The message gives the estimate and the limit, and what to do about it.
+    assert f"the estimated cost is ${estimate:.4f}, over the limit max_cost_usd=$0.0001" in out
+    assert "Raise max_cost_usd in the trigger form" in out
+    # Refused before any request that costs or leaks anything: no file, no job on the server.
+    assert fake.files == {} and fake.jobs == {}
+    assert fake.count("POST", "/v1/files") == 0 and fake.count("POST", "/v1/fine_tuning/jobs") == 0
+    assert registry_rows(db_conn) == []
+
+
+def test_killing_the_deferred_task_of_the_real_dag_cancels_the_job(dagbag, fake, tmp_path, monkeypatch):
+    """The DAG's own train_openai defers; the trigger it hands over is rebuilt from its serialized kwargs (as the
+    triggerer does) and run by Airflow's TriggerRunner. "Mark failed" / "clear" in the UI cancels that asyncio
+    task with Airflow's user-action message, which makes the runner call on_kill: the job must be cancelled on
+    the server. A triggerer shutdown (a plain cancel) must leave the job running."""
+    import copy
+
+    from airflow.jobs import triggerer_job_runner as tjr
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from test_openai_ft import make_run
+
+    monkeypatch.setenv("AIRFLOW_DISABLE_GREENBACK_PORTAL", "true")
+    fake.polls_per_state = 10_000  # the job stays in validating_files while the trigger polls
+    op = copy.copy(dagbag.dags["retrain_product_intent"].get_task("train_openai"))
+    runner = tjr.TriggerRunner()
+
+    def defer(run_id: str):
+        op.run_dir, op.max_cost_usd = str(make_run(tmp_path / run_id, run_id=run_id)), 10.0
+        with pytest.raises(TaskDeferred) as exc:
+            op.execute({})
+        path, kwargs = exc.value.trigger.serialize()
+        assert path == "retrain.train.openai_trigger.OpenAIFineTuneTrigger" and "key" not in json.dumps(kwargs)
+        return exc.value.trigger.__class__(**kwargs)
+
+    async def run_then_cancel(trigger, trigger_id: int, message: str | None) -> None:
+        runner.triggers[trigger_id] = {"task": None, "name": f"t{trigger_id}", "events": 0}
+        task = asyncio.ensure_future(runner.run_trigger(trigger_id, trigger))
+        while fake.count("GET", "/v1/fine_tuning/jobs/{id}") < 3 * trigger_id:
+            await asyncio.sleep(0.01)
+        task.cancel(message)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    killed = defer("killed")
+    asyncio.run(run_then_cancel(killed, 1, tjr._USER_ACTION_CANCEL_MSG))
+    assert fake.jobs[killed.job_id]["status"] == "cancelled"
+    assert fake.count("POST", "/v1/fine_tuning/jobs/{id}/cancel") == 1
+
+    restarted = defer("restarted")
+    asyncio.run(run_then_cancel(restarted, 2, None))
+    assert fake.jobs[restarted.job_id]["status"] == "validating_files"
+    assert fake.count("POST", "/v1/fine_tuning/jobs/{id}/cancel") == 1
