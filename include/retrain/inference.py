@@ -449,20 +449,11 @@ class HFEngine:
 
 def _openai_settings(spec: dict) -> tuple[str | None, str | None]:
     """(api_key, base_url): the spec's base_url, then the Airflow connection (password / extra ``api_key``,
-    extra ``base_url``), then OPENAI_API_KEY / OPENAI_BASE_URL. The same order as the fine-tuning backend
-    (retrain.train.openai_ft.credentials), so a model is evaluated with the key and server that trained it.
-    The key is a secret: never log it."""
-    from retrain.train.openai_ft import connection_credentials
+    extra ``base_url``), then OPENAI_API_KEY / OPENAI_BASE_URL. The fine-tuning backend's own lookup, so a model is
+    evaluated with the key and server that trained it. The key is a secret: never log it."""
+    from retrain.train.openai_trigger import resolve_credentials
 
-    conn_id = spec.get("conn_id") or "openai_default"
-    try:
-        from airflow.sdk import Connection
-
-        conn = Connection.get(conn_id)
-    except Exception as exc:  # no Airflow, no task context, or not defined: the env is all there is
-        log.debug("Airflow connection %s not available: %s", conn_id, type(exc).__name__)
-        conn = None
-    key, url = connection_credentials(conn) if conn is not None else (None, None)
+    key, url = resolve_credentials(spec.get("conn_id") or "openai_default")
     base_url = spec.get("base_url") or url or os.environ.get("OPENAI_BASE_URL") or None
     return key or os.environ.get("OPENAI_API_KEY") or None, base_url
 

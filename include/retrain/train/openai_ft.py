@@ -506,16 +506,6 @@ def check_and_estimate(run_dir: str | Path, *, model: str | None = None,
 # --- client ----------------------------------------------------------------------------------------------
 
 
-def connection_credentials(conn: Any) -> tuple[str | None, str | None]:
-    """(api_key, base_url) of an Airflow connection: password (or extra ``api_key``) and extra ``base_url``
-    (or a host given as a URL). One reading for training, the trigger and evaluation, so the fine-tuned model
-    is evaluated on the server that trained it."""
-    extra = getattr(conn, "extra_dejson", None) or {}
-    host = getattr(conn, "host", None) or ""
-    url = extra.get("base_url") or (host if host.startswith(("http://", "https://")) else None)
-    return getattr(conn, "password", None) or extra.get("api_key") or None, url
-
-
 def credentials(api_key: str | None = None, base_url: str | None = None) -> tuple[str, str | None]:
     """(api_key, base_url): the arguments (from an Airflow connection) or OPENAI_API_KEY / OPENAI_BASE_URL."""
     api_key = api_key or os.environ.get("OPENAI_API_KEY")

@@ -30,9 +30,14 @@ import openai
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from retrain.train.openai_ft import ACTIVE_STATES, TERMINAL_STATES, api_error_message, is_transient_error
-from retrain.train.openai_ft import connection_credentials as _from_connection
 
 CLASSPATH = "retrain.train.openai_trigger.OpenAIFineTuneTrigger"
+
+
+def _from_connection(conn: Any) -> tuple[str | None, str | None]:
+    extra = conn.extra_dejson or {}
+    url = extra.get("base_url") or (conn.host if (conn.host or "").startswith(("http://", "https://")) else None)
+    return conn.password or extra.get("api_key") or None, url
 
 
 def _mask(secret: str | None) -> None:
