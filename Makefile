@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-full test test-all bench lint clean-state
+.PHONY: install demo demo-dry ui test test-all bench lint clean-state
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,20 @@ $(STAMP): $(BIN)/python requirements.txt requirements-nodeps.txt pyproject.toml
 
 install: $(STAMP)
 
-## The monthly DAG for product_intent on the embedded defaults (PostgreSQL from pip, local state), through
-## dataset validation (dry_run). `make demo-full` also trains, evaluates, gates, deploys and backs up (see README).
+## The monthly DAG for product_intent, end to end on the embedded defaults (PostgreSQL from pip, S3 from moto, local
+## state): collect, validate, QLoRA-train the real SmolLM2 on the CPU, evaluate, gate, deploy, encrypted backup,
+## cleanup. One progress line per task; the full Airflow log goes to .state/logs/. UI=1 then starts the Airflow UI.
+STEPS ?= 40
 demo: $(STAMP)
+	$(BIN)/retrain demo --use-case product_intent --param max_train_steps=$(STEPS) $(if $(UI),--ui,)
+
+## Only through dataset validation (a minute): no training.
+demo-dry: $(STAMP)
 	$(BIN)/retrain demo --use-case product_intent --param dry_run=true
 
-demo-full: $(STAMP)
-	$(BIN)/retrain demo --use-case product_intent --param max_train_steps=$(or $(STEPS),60)
+## The Airflow UI (airflow standalone) with the DAGs ready to trigger.
+ui: $(STAMP)
+	$(BIN)/retrain ui
 
 ## Default test run: everything except tests marked slow.
 test: $(STAMP)
@@ -38,6 +45,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/parse_time.py
 	$(BIN)/python bench/collect_throughput.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/demo_wall_time.py
 
 clean-state:
 	rm -rf .state

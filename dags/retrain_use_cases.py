@@ -76,6 +76,19 @@ def _params(spec: dict) -> dict[str, Param]:
         "max_train_steps": Param(
             None, type=["null", "integer"], minimum=1, description="cap optimizer steps (qlora); empty = from epochs"
         ),
+        "adapter": Param(
+            training.get("adapter", "qlora"),
+            type="string",
+            enum=["qlora", "lora"],
+            description="qlora: LoRA on a 4-bit (nf4) base; lora: LoRA on a full-precision base",
+        ),
+        "training_overrides": Param(
+            {},
+            type="object",
+            description='Training fields for this run only (any field of the use case\'s training block), e.g. '
+            '{"lora_r": 32, "learning_rate": 0.0005, "eval_steps": 10, "save_steps": 10}. Unknown or invalid '
+            "fields fail prepare_run naming the field.",
+        ),
         "max_cost_usd": Param(
             float(training.get("max_cost_usd", 10.0)), type="number", minimum=0,
             description="openai backend: refuse to start a fine-tuning job whose estimated cost is higher",
@@ -148,11 +161,12 @@ def build_dag(spec: dict):
 
         # Training holds the GPU: its own Celery queue and a pool sized to the number of GPUs.
         @task(queue="gpu", pool="gpu", execution_timeout=timedelta(hours=12))
-        def train_qlora(run: dict, params=None) -> dict:
+        def train_qlora(run: dict) -> dict:
             from retrain.train.launch import train_qlora
 
-            overrides = {"max_steps": params["max_train_steps"]} if params.get("max_train_steps") else None
-            result = train_qlora(run["run_dir"], extra_overrides=overrides)
+            # Params (adapter, max_train_steps, training_overrides) were validated and frozen into run_config.json
+            # by prepare_run: the trainer reads them from there.
+            result = train_qlora(run["run_dir"])
             return {k: result.get(k) for k in ("backend", "merged_path", "train_loss", "eval_loss", "steps", "seconds")}
 
         train_openai = OpenAIFineTuneOperator(

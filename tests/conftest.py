@@ -80,3 +80,103 @@ def run_dir(tmp_path) -> Path:
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+# --- shared by the DAG tests -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(REPO / "dags"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 API server (moto) on 127.0.0.1: the real boto3 client talks HTTP to it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def backup_env(monkeypatch, s3_server, tmp_path):
+    """Backups of this test go to their own bucket on the moto server, under a fixed master key."""
+    import base64
+
+    bucket = f"dag-{tmp_path.name[-24:].lower().replace('_', '-')}"
+    monkeypatch.setenv("RETRAIN_S3_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("RETRAIN_S3_BUCKET", bucket)
+    monkeypatch.setenv("RETRAIN_BACKUP_MASTER_KEY", base64.b64encode(bytes(range(32))).decode())
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RETRAIN_BACKUP_KMS_KEY_ID", "RETRAIN_S3_SSE", "AIRFLOW_CONN_AWS_DEFAULT", "AIRFLOW_CONN_RETRAIN_S3"):
+        monkeypatch.delenv(k, raising=False)
+    return bucket
+
+
+def states(dag_run) -> dict[str, str]:
+    """task_id -> state name of one DAG run."""
+    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
+
+
+def registry_rows(db_conn, use_case: str = "product_intent") -> list[dict]:
+    from retrain import registry
+
+    db_conn.rollback()  # a fresh snapshot: the DAG committed through its own connections
+    return registry.versions(db_conn, use_case)
+
+
+@pytest.fixture
+def task_log(caplog):
+    """Everything the run logs, as text: the stdlib loggers (our modules, through caplog) and Airflow's structlog
+    loggers (the trigger's self.log, the task runner), through a processor put first in structlog's chain.
+    Captured before Airflow's secret masker runs, so "the key is not in the log" means the code never logged it.
+    (capsys/capfd cannot be used: Airflow's log handlers keep the stdout object that existed when logging was
+    configured, which is pytest's global capture, not the fixture's.)"""
+    import logging
+    import traceback
+
+    import structlog
+
+    caplog.set_level(logging.INFO)
+    lines: list[str] = []
+
+    def capture(_logger, _method, event_dict):
+        event, args = str(event_dict.get("event", "")), event_dict.get("positional_args")
+        try:
+            event = event % tuple(args) if args else event
+        except (TypeError, ValueError):
+            pass
+        lines.append(event)
+        exc = event_dict.get("exc_info")  # "Task failed with exception": the message is in the exception
+        if exc is True:
+            exc = sys.exc_info()
+        if isinstance(exc, BaseException):
+            exc = (type(exc), exc, exc.__traceback__)
+        if isinstance(exc, tuple) and exc[0] is not None:
+            lines.append("".join(traceback.format_exception(*exc)))
+        return event_dict
+
+    processors = structlog.get_config()["processors"]
+    processors.insert(0, capture)
+
+    def text() -> str:
+        return "\n".join(lines) + "\n" + caplog.text
+
+    def clear() -> None:
+        lines.clear()
+        caplog.clear()
+
+    text.clear = clear  # type: ignore[attr-defined]
+    yield text
+    processors.remove(capture)

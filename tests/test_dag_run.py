@@ -16,22 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import states
 from retrain.config import load_use_case, run_dir_for
 from retrain.synthetic import seed_examples
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def dagbag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(REPO / "dags"))
-
-
-def states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
 
 
 def test_monthly_dag_validates_then_rejects_a_dirty_batch(db_conn, dagbag):

@@ -71,6 +71,8 @@ def test_build_writes_chat_files_manifest_and_quarantine(db_conn, run_dir):
     roles = [m["role"] for m in example["messages"]]
     assert roles == ["system", "user", "assistant"] and list(example) == ["messages"]
     assert json.loads(example["messages"][2]["content"])["intent_type"] == "GIFT"
+    # The answer is written in the output schema's key order (labels first), not jsonb's shortest-key-first order.
+    assert list(json.loads(example["messages"][2]["content"])) == list(UC.output_schema["properties"])
     # the later duplicate (a human's newer label) wins
     all_rows = [json.loads(m["messages"][2]["content"]) for s in ("train", "val", "test")
                 for m in read(run_dir / f"{s}.jsonl") if "número 3 " in m["messages"][1]["content"].lower()]

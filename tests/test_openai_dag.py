@@ -15,16 +15,13 @@ below is earned on the frozen test set, not scripted.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import logging
-import sys
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from conftest import registry_rows, states
 from fake_openai import FakeOpenAI
 from retrain.config import load_use_case, run_dir_for
 from retrain.deploy import use_case_models_dir
@@ -43,27 +40,8 @@ ALL_TASKS = ("prepare_run", "collect_examples", "build_dataset", "validate_datas
              "backup_to_s3", "verify_backup", "prune_backups", "cleanup")
 
 
-@pytest.fixture(scope="module")
-def dagbag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(str(REPO / "dags"))
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def fake(monkeypatch, s3_server, tmp_path):
+def fake(monkeypatch, backup_env):
     server = FakeOpenAI(polls_per_state=1, base_model_answer=BASE_ANSWER)
     base_url, stop = server.start()
     # Credentials and the server's URL from the Airflow connection (what production uses), not the environment:
@@ -73,70 +51,8 @@ def fake(monkeypatch, s3_server, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setenv("RETRAIN_OPENAI_POLL_SECONDS", "0.05")  # the fake moves one state per poll
-    monkeypatch.setenv("RETRAIN_S3_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("RETRAIN_S3_BUCKET", f"openai-dag-{tmp_path.name[-20:].lower().replace('_', '-')}")
-    monkeypatch.setenv("RETRAIN_BACKUP_MASTER_KEY", base64.b64encode(bytes(range(32))).decode())
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("RETRAIN_BACKUP_KMS_KEY_ID", "RETRAIN_S3_SSE", "AIRFLOW_CONN_AWS_DEFAULT", "AIRFLOW_CONN_RETRAIN_S3"):
-        monkeypatch.delenv(k, raising=False)
     yield server
     stop()
-
-
-@pytest.fixture
-def task_log(caplog):
-    """Everything the run logs, as text: the stdlib loggers (our modules, through caplog) and Airflow's structlog
-    loggers (the trigger's self.log, the task runner), through a processor put first in structlog's chain.
-    Captured before Airflow's secret masker runs, so "the key is not in the log" means the code never logged it.
-    (capsys/capfd cannot be used: Airflow's log handlers keep the stdout object that existed when logging was
-    configured, which is pytest's global capture, not the fixture's.)"""
-    import structlog
-
-    caplog.set_level(logging.INFO)
-    lines: list[str] = []
-
-    def capture(_logger, _method, event_dict):
-        event, args = str(event_dict.get("event", "")), event_dict.get("positional_args")
-        try:
-            event = event % tuple(args) if args else event
-        except (TypeError, ValueError):
-            pass
-        lines.append(event)
-        exc = event_dict.get("exc_info")  # "Task failed with exception": the message is in the exception
-        if exc is True:
-            exc = sys.exc_info()
-        if isinstance(exc, BaseException):
-            exc = (type(exc), exc, exc.__traceback__)
-        if isinstance(exc, tuple) and exc[0] is not None:
-            lines.append("".join(traceback.format_exception(*exc)))
-        return event_dict
-
-    processors = structlog.get_config()["processors"]
-    processors.insert(0, capture)
-
-    def text() -> str:
-        return "\n".join(lines) + "\n" + caplog.text
-
-    def clear() -> None:
-        lines.clear()
-        caplog.clear()
-
-    text.clear = clear  # type: ignore[attr-defined]
-    yield text
-    processors.remove(capture)
-
-
-def states(dag_run) -> dict[str, str]:
-    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
-
-
-def registry_rows(db_conn) -> list[dict]:
-    from retrain import registry
-
-    db_conn.rollback()  # a fresh snapshot: the DAG committed through its own connections
-    return registry.versions(db_conn, "product_intent")
 
 
 def test_openai_backend_runs_end_to_end_through_the_deferral(db_conn, dagbag, fake, task_log):

@@ -148,10 +148,10 @@ def test_spec_follows_the_use_case_and_overrides_in_order(tmp_path):
     assert (spec.adapter, spec.quantized, spec.max_length, spec.batch_size) == ("qlora", True, 256, 8)
     assert spec.learning_rate == UC.training.learning_rate
 
-    # 'lora' in the YAML leaves TrainingConfig's default load_in_4bit=true behind: that must not count as 4-bit.
-    lora = UC.training.model_copy(update={"adapter": "lora", "load_in_4bit": True})
-    assert spec_from_use_case(lora).quantized is False
+    # Switching a qlora use case (load_in_4bit: true in its YAML) to lora must not keep the 4-bit base.
     assert spec_from_use_case(UC.training, {"adapter": "lora"}).quantized is False
+    assert spec_from_use_case(UC.training.model_copy(update={"adapter": "lora", "load_in_4bit": None})).quantized \
+        is False
 
     run_dir = make_run_dir(tmp_path / "run", "smollm2-135m-instruct", n=20)
     (run_dir / "train_overrides.json").write_text(json.dumps({"lora_r": 4, "max_steps": 10}))
@@ -160,6 +160,32 @@ def test_spec_follows_the_use_case_and_overrides_in_order(tmp_path):
     (run_dir / "train_overrides.json").write_text("{not json")
     with pytest.raises(TrainingSpecError, match="train_overrides.json is not valid JSON"):
         spec_for_run(run_dir)
+
+
+def test_the_use_case_yaml_and_the_trigger_params_set_every_training_field():
+    from retrain.config import ConfigError, apply_params, parse_run_params, parse_use_case
+
+    data = UC.model_dump(mode="json")
+    data["training"].update({"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                             "grad_accum": 2, "gradient_checkpointing": True, "eval_steps": 10, "save_steps": 10})
+    uc = parse_use_case(data)
+    spec = spec_from_use_case(uc.training)
+    assert (spec.lora_r, spec.lora_alpha, spec.target_modules, spec.grad_accum) == (8, 16, ["q_proj", "v_proj"], 2)
+
+    params = parse_run_params({"adapter": "lora", "max_train_steps": 7,
+                               "training_overrides": {"lora_r": 32, "learning_rate": 5e-4}})
+    spec = spec_from_use_case(apply_params(uc, params).training)
+    assert (spec.adapter, spec.quantized, spec.max_steps, spec.lora_r, spec.learning_rate) == \
+        ("lora", False, 7, 32, 5e-4)
+
+    # A typo or a broken cross-field rule fails prepare_run with the field's name, before anything trains.
+    data["training"]["lora_rank"] = 8
+    with pytest.raises(ConfigError, match="training.lora_rank: unknown field"):
+        parse_use_case(data)
+    with pytest.raises(ConfigError, match="save_steps .* must be a multiple of eval_steps"):
+        apply_params(uc, parse_run_params({"training_overrides": {"save_steps": 15}}))
+    with pytest.raises(ConfigError, match="adapter 'qlora' requires load_in_4bit"):
+        apply_params(uc, parse_run_params({"training_overrides": {"load_in_4bit": False}}))
 
 
 def test_launcher_rejects_a_bad_override_before_starting_anything(tmp_path):

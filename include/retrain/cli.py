@@ -2,7 +2,8 @@
 
     retrain seed --use-case product_intent --rows 1000 [--dirty 0.3]
     retrain run --use-case product_intent [--param sample_limit=500 ...]   # the DAG, via dag.test()
-    retrain demo                                                            # seed if empty, then run
+    retrain demo [--ui]                                                     # seed if empty, run, summary
+    retrain ui                                                              # Airflow UI on these DAGs
     retrain prepare|collect|build|validate ...                              # one stage
     retrain check-config                                                    # validate every use-case YAML
 """
@@ -99,13 +100,13 @@ def ensure_local_services() -> dict:
 _services: list = []
 
 
-def run_dag(use_case: str, params: dict, *, run_id: str | None = None) -> dict:
+def run_dag(use_case: str, params: dict, *, bag=None) -> dict:
     """Run retrain_<use_case> in this process with dag.test(): real Airflow task execution, no scheduler."""
     ensure_airflow_db()
     from airflow.dag_processing.dagbag import DagBag
 
     dag_id = f"retrain_{use_case}"
-    bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    bag = bag or DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
     if bag.import_errors:
         raise SystemExit(f"DAG files failed to import: {bag.import_errors}")
     dag = bag.dags.get(dag_id)
@@ -157,52 +158,188 @@ def cmd_run(args) -> int:
     return 0 if result["state"].endswith("success") else 1
 
 
+class _StageProgress:
+    """One line per task of a dag.test() run on the terminal, while the full Airflow log goes to a file.
+
+    dag.test() runs each task through airflow.sdk.definitions.dag._run_task; wrapping it is the one place that sees
+    every task start and end, whatever the logging setup. The trainer's own progress lines (step, loss, tokens/s,
+    ETA) are echoed too: the training stage is most of the wall time and must not look frozen.
+    """
+
+    ECHO = ("[train]", "[eval]", "[done]", "[data]")
+
+    def __init__(self, out, total: int):
+        self.out, self.total, self.done = out, total, 0
+        self.started = time.monotonic()
+
+    def line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def wrap(self, run_task):
+        def run(*args, **kwargs):
+            ti = kwargs.get("ti") or args[0]
+            t0 = time.monotonic()
+            self.line(f"  [{self.done + 1:2d}/{self.total}] {ti.task_id} ...")
+            try:
+                return run_task(*args, **kwargs)
+            finally:
+                self.done += 1
+                state = str(ti.state).rsplit(".", 1)[-1].lower() if ti.state else "?"
+                self.line(f"  [{self.done:2d}/{self.total}] {ti.task_id:20s} {state:8s} {time.monotonic() - t0:6.1f}s"
+                          f"   (elapsed {time.monotonic() - self.started:.0f}s)")
+
+        return run
+
+    def handler(self) -> logging.Handler:
+        progress = self
+
+        class Echo(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if msg.startswith(progress.ECHO):
+                    progress.line(f"          {msg}")
+
+        return Echo(level=logging.INFO)
+
+
+def run_dag_with_progress(use_case: str, params: dict, log_file: Path) -> dict:
+    """run_dag with the Airflow output in log_file and a progress line per task on the terminal."""
+    import airflow.sdk.definitions.dag as sdk_dag
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    ensure_airflow_db()  # says so on the terminal when it migrates (first run only)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(1), "w", buffering=1)
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "a", encoding="utf-8") as fh:
+        # fd level: Airflow's log handlers hold on to the stdout/stderr objects of the moment they were configured.
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        original = sdk_dag._run_task
+        progress = _StageProgress(terminal, total=0)
+        echo = progress.handler()
+        launch_log = logging.getLogger("retrain.train.launch")
+        launch_log.addHandler(echo)
+        try:
+            from airflow.dag_processing.dagbag import DagBag
+
+            bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+            dag = bag.dags.get(f"retrain_{use_case}")
+            progress.total = len(dag.tasks) if dag else 0
+            sdk_dag._run_task = progress.wrap(original)
+            return run_dag(use_case, params, bag=bag)
+        finally:
+            sdk_dag._run_task = original
+            launch_log.removeHandler(echo)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            terminal.close()
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def print_run_summary(run_dir: Path, result: dict, total_seconds: float) -> None:
+    """The demo's closing screen: rows, baseline vs candidate, decision, backup, where the reports are."""
+    print("\n==== summary ====")
+    print(f"DAG run      : {result['dag_id']} / {result['run_id']} -> {result['state']} in {result['seconds']}s")
+    summary = _read(run_dir / "summary.json")
+    if summary:
+        c = summary["counts"]
+        print(f"rows         : {c['collected']} collected this run, {c['rejected']} rejected, "
+              f"{c['duplicates_removed']} duplicates removed; dataset train={c['train']} val={c['val']} test={c['test']}")
+        print(f"Data Docs    : {summary['data_docs']}")
+    train = _read(run_dir / "candidate" / "train_result.json")
+    if train and train.get("backend") == "qlora":
+        print(f"training     : {train['adapter']} on {train['base_model']}, {train['steps']} steps in "
+              f"{train['seconds']:.0f}s; train loss {train['train_loss_first']:.3f} -> {train['train_loss']:.3f}, "
+              f"validation loss {train.get('eval_loss_initial') or float('nan'):.3f} -> {train['eval_loss']:.3f}")
+    elif train:
+        print(f"training     : OpenAI job {train.get('job_id')} -> {train.get('model_id')}")
+    metrics = _read(run_dir / "evaluation" / "metrics.json")
+    if metrics:
+        m = metrics["comparison"]["metrics"]
+        print(f"metrics      : {'':8s}{'baseline':>9s} {'candidate':>9s}   (frozen test set, n={metrics['comparison']['n']})")
+        for key in ("primary_score", "all_labels_accuracy", "exact_match", "json_validity", "schema_validity",
+                    "entity_f1", "latency_p95"):
+            if key in m:
+                b, c = m[key].get("baseline"), m[key].get("candidate")
+                fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+                print(f"  {key:19s}: {fmt(b):>9s} {fmt(c):>9s}")
+    decision = _read(run_dir / "decision.json")
+    if decision:
+        print(f"decision     : {decision['decision']} - {decision['summary']}")
+    for label, name in (("report", "evaluation/report.html"), ("loss curve", "candidate/loss.png")):
+        if (run_dir / name).is_file():
+            print(f"{label:13s}: {run_dir / name}")
+    backup = _read(run_dir / "backup.json")
+    if backup:
+        drill = "restore drill passed" if backup.get("drill") else "not verified"
+        print(f"backup       : {backup['backup_id']} -> s3://{backup['bucket']}/{backup['archive_key']} "
+              f"(AES-256-GCM, {drill})")
+    if result.get("failed_tasks"):
+        print(f"FAILED tasks : {', '.join(result['failed_tasks'])} (see the log file for the task's error)")
+    if (_read(run_dir / "run_config.json") or {}).get("params", {}).get("dry_run"):
+        print("dry run      : stopped after validation (training, evaluation, gate, deploy, backup skipped)")
+    print(f"run dir      : {run_dir}")
+    print(f"total        : {total_seconds:.0f}s")
+
+
 def cmd_demo(args) -> int:
     from retrain import db
+    from retrain.config import run_dir_for
     from retrain.synthetic import seed_examples
 
     uc = load_use_case(args.use_case)
     t0 = time.monotonic()
-    print(f"[demo 1/3] database: {db.database_dsn()[1]}", flush=True)
+    print(f"[demo] database: {db.database_dsn()[1]}", flush=True)
     for line in ensure_local_services().values():
-        print(f"[demo 1/3] {line}", flush=True)
+        print(f"[demo] {line}", flush=True)
     with db.connection() as conn:
         db.ensure_schema(conn)
         have = db.count_examples(conn, uc.name)
         if have == 0:
-            print(f"[demo 2/3] seeding {args.rows} synthetic production examples for {uc.name}", flush=True)
+            print(f"[demo] seeding {args.rows} synthetic production examples for {uc.name}", flush=True)
             seed_examples(conn, uc, args.rows, seed=args.seed)
         else:
-            print(f"[demo 2/3] {have} production examples already in the table (delete .state/ to start over)")
-    print(f"[demo 3/3] running DAG retrain_{uc.name} with dag.test()", flush=True)
-    result = run_dag(uc.name, _parse_params(args.param))
-    from retrain.config import run_dir_for
+            print(f"[demo] {have} production examples already in the table (make clean-state to start over)")
+    log_file = state_dir() / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"[demo] running DAG retrain_{uc.name} with dag.test(); full Airflow log: {log_file}", flush=True)
+    result = run_dag_with_progress(uc.name, _parse_params(args.param), log_file)
+    print_run_summary(run_dir_for(uc.name, result["run_id"]), result, time.monotonic() - t0)
+    ok = result["state"].endswith("success")
+    if args.ui:
+        return cmd_ui(args)
+    return 0 if ok else 1
 
-    run_dir = run_dir_for(uc.name, result["run_id"])
-    summary_file = run_dir / "summary.json"
-    print("\n==== demo summary ====")
-    print(f"DAG run     : {result['dag_id']} / {result['run_id']} -> {result['state']} in {result['seconds']}s")
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        counts = summary["counts"]
-        print(f"rows        : {counts['collected']} collected this run, {counts['rejected']} rejected, "
-              f"{counts['duplicates_removed']} duplicates removed")
-        print(f"dataset     : train={counts['train']} val={counts['val']} test={counts['test']} in {run_dir}")
-        print(f"manifest    : {summary['manifest']}")
-        print(f"Data Docs   : {summary['data_docs']}")
-    else:
-        print(f"run dir     : {run_dir}")
-        if (run_dir / "validation.json").is_file():
-            print(f"validation  : FAILED, see {run_dir / 'validation.json'} and {run_dir / 'data_docs'}")
-        if result.get("failed_tasks"):
-            print(f"failed tasks: {', '.join(result['failed_tasks'])} (the task log above says why)")
-    if json.loads((run_dir / "run_config.json").read_text())["params"].get("dry_run"):
-        print("dry run   : stopped after validation (training, evaluation, gate, deploy, backup skipped)")
-    for name in ("decision.json", "evaluation/report.html", "backup.json"):
-        if (run_dir / name).is_file():
-            print(f"{name:12s}: {run_dir / name}")
-    print(f"total       : {time.monotonic() - t0:.0f}s")
-    return 0 if result["state"].endswith("success") else 1
+
+def cmd_ui(args) -> int:
+    """The Airflow UI (airflow standalone) on this repo's DAGs, with the same embedded services as the demo."""
+    ensure_airflow_db()
+    for line in ensure_local_services().values():
+        print(f"[ui] {line}", flush=True)
+    home = Path(os.environ["AIRFLOW_HOME"])
+    print(f"[ui] starting `airflow standalone` (AIRFLOW_HOME={home}); open http://localhost:8080 - the admin "
+          f"password is printed below and kept in {home / 'simple_auth_manager_passwords.json.generated'}. "
+          "Ctrl-C stops it.", flush=True)
+    airflow = Path(sys.executable).with_name("airflow")
+    # A child, not exec: the embedded S3 server lives in this process and the backup tasks need it.
+    proc = subprocess.Popen([str(airflow), "standalone"])
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
 
 
 def cmd_rollback(args) -> int:
@@ -284,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo":
             p.add_argument("--rows", type=int, default=1000)
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--ui", action="store_true", help="then start the Airflow UI with the DAGs ready")
         p.set_defaults(func=func)
 
     p = sub.add_parser("prepare", help="stage 1: validate config, create run dir")
@@ -319,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--use-case", required=True)
     b.add_argument("--keep", type=int, required=True)
     p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("ui", help="start the Airflow UI (airflow standalone) on this repo's DAGs")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("check-config", help="validate every use-case YAML")
     p.set_defaults(func=cmd_check_config)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from retrain.train.config import TrainingSpec  # pydantic only: safe at DAG parse time
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 USE_CASE_NAME = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 
@@ -76,25 +78,23 @@ class DataRules(_Strict):
         return self
 
 
-class TrainingConfig(_Strict):
-    """Fine-tuning defaults; the training issue extends this. Cross-field rules live next to the fields."""
+class TrainingConfig(TrainingSpec):
+    """A use case's ``training:`` block: which backend trains from which base model, plus every hyper-parameter of
+    the local trainer (``retrain.train.config.TrainingSpec``: adapter and 4-bit settings, LoRA rank/alpha/dropout/
+    target modules, learning rate and schedule, epochs and step cap, batch size, gradient accumulation, max length,
+    gradient checkpointing, eval/save/early-stopping cadence, length grouping / padding-free / packing) and the
+    OpenAI job's knobs. Cross-field rules (qlora => 4-bit, save_steps a multiple of eval_steps) come with the spec.
+    """
 
     backend: Literal["qlora", "openai"] = "qlora"
     base_model: str = "smollm2-135m-instruct"
     openai_base_model: str = "gpt-4o-mini-2024-07-18"
-    adapter: Literal["qlora", "lora"] = "qlora"
-    load_in_4bit: bool = True
-    epochs: float = Field(3, gt=0)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(512, ge=16)
     max_cost_usd: float = Field(10.0, ge=0, description="openai backend: default cost ceiling per job")
-
-    @model_validator(mode="after")
-    def _qlora_needs_4bit(self) -> TrainingConfig:
-        if self.adapter == "qlora" and not self.load_in_4bit:
-            raise ValueError("adapter 'qlora' requires load_in_4bit: true (use adapter 'lora' for full precision)")
-        return self
+    openai_learning_rate_multiplier: float | None = Field(None, gt=0, description="openai backend; None = 'auto'")
+    openai_batch_size: int | None = Field(None, ge=1, description="openai backend; None = batch_size")
+    openai_price_per_1m_tokens: float | None = Field(
+        None, ge=0, description="openai backend: USD per 1M training tokens for a model without a known price"
+    )
 
 
 class BackupConfig(_Strict):
@@ -269,6 +269,10 @@ class RunParams(_Strict):
     sample_limit: int | None = Field(None, ge=1, description="collect at most this many new rows this run")
     dry_run: bool = False
     max_train_steps: int | None = Field(None, ge=1, description="cap optimizer steps of the qlora trainer")
+    adapter: Literal["qlora", "lora"] | None = Field(None, description="qlora (4-bit base) or lora (full precision)")
+    training_overrides: dict[str, Any] | None = Field(
+        None, description="TrainingSpec fields for this run only, e.g. {\"lora_r\": 32, \"learning_rate\": 5e-4}"
+    )
     max_cost_usd: float | None = Field(None, ge=0, description="openai backend: refuse jobs estimated above this")
     min_score: float | None = Field(None, ge=0, le=1)
     min_relative_improvement: float | None = Field(None, ge=-1, le=10)
@@ -301,6 +305,16 @@ def apply_params(uc: UseCase, params: RunParams) -> UseCase:
         # the first run's baseline (registry.baseline_spec) must be the model the candidate was tuned from.
         key = "openai_base_model" if data["training"]["backend"] == "openai" else "base_model"
         data["training"][key] = params.base_model
+    training = data["training"]
+    overrides = dict(params.training_overrides or {})
+    if params.adapter:
+        overrides.setdefault("adapter", params.adapter)
+    if params.max_train_steps:
+        overrides["max_steps"] = params.max_train_steps
+    if "adapter" in overrides and "load_in_4bit" not in overrides:
+        # The YAML's load_in_4bit belongs to the YAML's adapter: switching qlora -> lora must not keep a 4-bit base.
+        training["load_in_4bit"] = None
+    training.update(overrides)
     for key in Thresholds.model_fields:
         value = getattr(params, key)
         if value is not None:

@@ -66,12 +66,29 @@ def check_example(uc: UseCase, text: Any, label_raw: Any, validator) -> tuple[di
     return label, None
 
 
+def schema_ordered(value: Any, schema: dict) -> Any:
+    """The label with its keys in the output schema's property order (unknown keys last, as they came).
+
+    PostgreSQL's jsonb stores keys shortest-first, so the stored label reads category, recipient, budget_tier,
+    intent_type, ... . The model learns to write what it is shown, and a causal model decides each field from what
+    it has written so far: the schema's order puts the fields the use case declares first (the labels) right
+    after the input, and is the order a human reading the YAML expects.
+    """
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        keys = [k for k in props if k in value] + [k for k in value if k not in props]
+        return {k: schema_ordered(value[k], props.get(k) or {}) for k in keys}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [schema_ordered(v, schema["items"]) for v in value]
+    return value
+
+
 def _messages(uc: UseCase, text: str, label: dict) -> dict:
     return {
         "messages": [
             {"role": "system", "content": uc.system_prompt},
             {"role": "user", "content": uc.render_input(text)},
-            {"role": "assistant", "content": json.dumps(label, ensure_ascii=False)},
+            {"role": "assistant", "content": json.dumps(schema_ordered(label, uc.output_schema), ensure_ascii=False)},
         ]
     }
 

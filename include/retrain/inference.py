@@ -112,11 +112,26 @@ def _max_json_chars(schema: dict[str, Any], *, in_array: bool = False) -> int:
     return DEFAULT_STRING_CHARS
 
 
-def max_new_tokens_for(uc) -> int:
+# Observed answers tighten the schema's bound: the worst tokenisation seen (2.2 characters per token) with
+# 50% headroom over the longest labelled answer of the dataset.
+OBSERVED_CHARS_PER_TOKEN = 2.2
+OBSERVED_HEADROOM = 1.5
+
+
+def max_new_tokens_for(uc, answers: Iterable[str] | None = None) -> int:
     """Generation budget for one answer of this use case: the largest JSON the output schema allows, in tokens,
-    with headroom, clamped to [MIN_NEW_TOKENS, MAX_NEW_TOKENS]."""
+    with headroom, clamped to [MIN_NEW_TOKENS, MAX_NEW_TOKENS].
+
+    With ``answers`` (the labelled answers of the training data), the budget is also capped at 1.5x the longest of
+    them. Schemas bound free text loosely (product_intent allows ~400 tokens where real answers stay under 100),
+    and a batch runs until its slowest member stops: an untuned base model that never closes its JSON would cost
+    4x the time for nothing, since an answer longer than anything the model was taught is wrong anyway.
+    """
     chars = _max_json_chars(uc.output_schema)
     tokens = math.ceil(chars / CHARS_PER_TOKEN * HEADROOM)
+    longest = max((len(a) for a in answers or ()), default=0)
+    if longest:
+        tokens = min(tokens, math.ceil(longest / OBSERVED_CHARS_PER_TOKEN * OBSERVED_HEADROOM))
     return max(MIN_NEW_TOKENS, min(MAX_NEW_TOKENS, tokens))
 
 
@@ -258,7 +273,7 @@ def _resolve_path(name: str) -> str:
 class HFEngine:
     """Batched greedy generation with a local causal LM (float32 on CPU, so batched == one-by-one outputs)."""
 
-    def __init__(self, spec: dict, *, batch_size: int = 16, prefix_cache: bool = True):
+    def __init__(self, spec: dict, *, batch_size: int = 32, prefix_cache: bool = True):
         import json
 
         import torch
@@ -569,7 +584,7 @@ def _failed(error: str, attempts: int) -> dict:
 # --- entry points --------------------------------------------------------------------------------------
 
 
-def make_engine(spec: dict, *, batch_size: int = 16, concurrency: int = 4) -> Engine:
+def make_engine(spec: dict, *, batch_size: int = 32, concurrency: int = 4) -> Engine:
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "hf":
         return HFEngine(spec, batch_size=batch_size)
@@ -588,7 +603,12 @@ def percentile(values: Iterable[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def predict(spec: dict, conversations: Sequence[Any], uc, *, batch_size: int = 16, concurrency: int = 4,
+# Decoding on a CPU is bound by reading the weights once per step, so wider batches are cheaper per token:
+# SmolLM2-135M, fp32, 2 cores: 7.2 ms/token at 16 rows, 4.6 at 32, 3.8 at 64 (prefill grows with the width).
+DEFAULT_BATCH_SIZE = 32
+
+
+def predict(spec: dict, conversations: Sequence[Any], uc, *, batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int = 4,
             max_new_tokens: int | None = None) -> tuple[list[dict], dict]:
     """Answer every conversation with the model in spec.
 

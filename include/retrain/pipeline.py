@@ -194,6 +194,21 @@ def candidate_spec(train_result: dict) -> dict:
     return {"kind": "hf", "path": train_result["merged_path"], "label": "candidate"}
 
 
+def _training_answers(run_dir: Path) -> list[str]:
+    """The labelled answers of the run's train and validation splits (the assistant turns)."""
+    answers = []
+    for name in ("train.jsonl", "val.jsonl"):
+        path = run_dir / name
+        if path.is_file():
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        messages = json.loads(line).get("messages") or []
+                        if messages and messages[-1].get("role") == "assistant":
+                            answers.append(str(messages[-1].get("content", "")))
+    return answers
+
+
 @_recorded("evaluate_candidate")
 def evaluate(run_dir: str | Path) -> dict:
     """Candidate and baseline (production model, or the base model on a first run) answer the same frozen test set."""
@@ -212,10 +227,13 @@ def evaluate(run_dir: str | Path) -> dict:
     ]
     out = run_dir / "evaluation"
     out.mkdir(exist_ok=True)
+    # Both models get the same budget, bounded by the schema and by the longest answer they were trained on.
+    budget = inference.max_new_tokens_for(uc, _training_answers(run_dir))
     scores = {}
     for name, spec in (("baseline", baseline), ("candidate", candidate)):
-        log.info("evaluating %s model %s on %d test examples", name, spec.get("path") or spec.get("model"), len(inputs))
-        results, stats = inference.predict(spec, conversations, uc)
+        log.info("evaluating %s model %s on %d test examples (at most %d new tokens each)", name,
+                 spec.get("path") or spec.get("model"), len(inputs), budget)
+        results, stats = inference.predict(spec, conversations, uc, max_new_tokens=budget)
         with open(out / f"predictions_{name}.jsonl", "w", encoding="utf-8") as fh:
             for text, result in zip(inputs, results):
                 fh.write(json.dumps({"input": text, **result}, ensure_ascii=False) + "\n")

@@ -18,9 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 OVERRIDES_FILE = "train_overrides.json"
 
-# Fields of the lead's ``config.TrainingConfig`` that map 1:1 onto the spec. The rest of TrainingConfig
-# (backend, base_model, openai_base_model) selects *which* trainer runs, not how it trains.
-_FROM_USE_CASE = ("adapter", "load_in_4bit", "epochs", "learning_rate", "batch_size", "max_length")
 
 
 class TrainingSpecError(ValueError):
@@ -143,23 +140,18 @@ def parse_spec(data: dict[str, Any], source: str = "training spec") -> TrainingS
 
 
 def spec_from_use_case(training: Any, overrides: dict[str, Any] | None = None) -> TrainingSpec:
-    """Spec from a use case's ``training`` block (the lead's TrainingConfig) plus overrides.
+    """Spec from a use case's ``training`` block (``config.TrainingConfig``, a TrainingSpec subclass) plus overrides.
 
-    Any TrainingSpec field the TrainingConfig grows later is picked up automatically, so the YAML becomes the
-    place to set them without touching this function.
+    The YAML can set every TrainingSpec field; the backend/base-model fields the block adds choose *which* trainer
+    runs, not how it trains, and are left out here.
     """
     overrides = dict(overrides or {})
-    data: dict[str, Any] = {}
-    for name in TrainingSpec.model_fields:
-        if name in _FROM_USE_CASE or hasattr(training, name):
-            value = getattr(training, name, None)
-            if value is not None:
-                data[name] = value
+    data: dict[str, Any] = {name: getattr(training, name) for name in TrainingSpec.model_fields if hasattr(training, name)}
+    if "adapter" in overrides and "load_in_4bit" not in overrides:
+        # The block's load_in_4bit was written for the block's adapter: an override switching qlora -> lora must
+        # not keep a 4-bit base (None follows the adapter).
+        data["load_in_4bit"] = None
     data.update(overrides)
-    # TrainingConfig's load_in_4bit defaults to true and must be true for qlora, so for 'lora' it carries no
-    # information (true = the untouched default, false = what lora does anyway); only an override may set it.
-    if data.get("adapter") == "lora" and "load_in_4bit" not in overrides:
-        data.pop("load_in_4bit", None)
     return parse_spec(data, "training spec (use case training block + overrides)")
 
 

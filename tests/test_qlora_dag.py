@@ -1,0 +1,99 @@
+"""The real `retrain_product_intent` DAG on the qlora backend, end to end, with the real SmolLM2-135M model.
+
+Two months through dag.test() against the embedded PostgreSQL and an S3 API server (moto):
+
+* month 1: collect -> build -> validate (Great Expectations) -> QLoRA fine-tuning of SmolLM2 in its own process
+  (nf4 base, float32 compute on the CPU) -> register -> evaluate the candidate against the base model on the
+  frozen test set -> GO -> deploy (atomic switch of models/product_intent/production) -> encrypted backup ->
+  restore drill -> prune -> cleanup;
+* month 2, no new data: the same training again; the baseline is now the production model, the candidate is no
+  better, and the gate says NO-GO on the relative-improvement rule. Production is unchanged.
+
+The data set is small and training short (a CPU run in CI), so month 1's absolute-score and JSON-validity
+thresholds are lowered through the trigger Params, as a team would do for a smoke run; the relative-improvement
+rule keeps its YAML value (10%) and decides month 2. The full-size run (40 steps, YAML thresholds) is the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from conftest import registry_rows, states
+from retrain.config import load_use_case, run_dir_for
+from retrain.deploy import use_case_models_dir
+from retrain.synthetic import seed_examples
+
+pytestmark = pytest.mark.integration
+UC = load_use_case("product_intent")
+ROWS, SEED = 260, 7
+PARAMS = {
+    "max_train_steps": 14,
+    "training_overrides": {"eval_steps": 7, "save_steps": 7, "logging_steps": 7},
+    "min_score": 0.1,
+    "min_json_validity": 0.5,
+}
+MONTH_1_TASKS = ("prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset",
+                 "choose_backend", "train_qlora", "register_candidate", "evaluate_candidate", "decide",
+                 "deploy_model", "backup_to_s3", "verify_backup", "prune_backups", "cleanup")
+
+
+def test_real_smollm2_month_1_goes_and_month_2_on_the_same_data_does_not(db_conn, dagbag, backup_env, task_log):
+    seed_examples(db_conn, UC, ROWS, seed=SEED, dirty=0.0)
+    dag = dagbag.dags["retrain_product_intent"]
+    task_log.clear()
+
+    run = dag.test(run_conf=PARAMS)
+    out = task_log()
+    st = states(run)
+    assert {t: st[t] for t in MONTH_1_TASKS} == dict.fromkeys(MONTH_1_TASKS, "success"), out[-6000:]
+    assert st["train_openai"] == "skipped" and st["reject_candidate"] == "skipped"
+    run_dir = run_dir_for("product_intent", run.run_id)
+
+    # Training: the real model, 4-bit base, float32 compute, progress streamed into the task log, loss falling.
+    result = json.loads((run_dir / "candidate" / "train_result.json").read_text())
+    assert (result["adapter"], result["quantized"], result["compute_dtype"]) == ("qlora", True, "float32")
+    assert result["base_model"] == "smollm2-135m-instruct" and result["steps"] == 14
+    assert result["spec"]["eval_steps"] == 7  # the Params reached the trainer through run_config.json
+    assert result["eval_loss"] < 0.7 * result["eval_loss_initial"], result
+    assert "[train] step 14/14 loss" in out and "[eval] step 0/14 eval_loss" in out
+    for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "merged/tokenizer.json",
+                 "model_card.md", "Modelfile", "loss.png"):
+        assert (run_dir / "candidate" / name).is_file(), name
+
+    # Evaluation on the frozen test set: the fine-tuned model beats the untuned base model it came from.
+    decision = json.loads((run_dir / "decision.json").read_text())
+    assert decision["decision"] == "GO", decision["summary"]
+    assert decision["baseline_kind"] == "base_model"
+    assert decision["candidate_score"] > decision["baseline_score"]
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())["comparison"]["metrics"]
+    assert metrics["json_validity"]["candidate"] > metrics["json_validity"]["baseline"]
+    assert (run_dir / "evaluation" / "report.html").is_file()
+
+    # Deploy: registry and the served alias agree.
+    (row,) = registry_rows(db_conn)
+    assert (row["backend"], row["status"], row["run_id"]) == ("qlora", "production", run.run_id)
+    production = use_case_models_dir("product_intent") / "production"
+    assert (production / "model.safetensors").is_file()
+    served = production.resolve()
+
+    # Backup, drill, cleanup: the training data is gone locally, the backup record stays.
+    assert (run_dir / "backup.json").is_file() and not (run_dir / "train.jsonl").exists()
+
+    # Month 2: nothing new in the table, so the same data set and the same training; the production model is the
+    # baseline now, and a candidate that is no better must not replace it.
+    task_log.clear()
+    run2 = dag.test(run_conf=PARAMS)
+    out2 = task_log()
+    st2 = states(run2)
+    assert st2["reject_candidate"] == "success" and st2["deploy_model"] == "skipped", out2[-6000:]
+    assert st2["cleanup"] == "success" and str(run2.state).endswith("success")
+    run_dir2 = run_dir_for("product_intent", run2.run_id)
+    models2 = json.loads((run_dir2 / "evaluation" / "models.json").read_text())
+    assert models2["baseline"]["baseline_kind"] == "production"
+    assert models2["baseline"]["version"] == row["version"]  # the deployed copy of month 1's candidate
+    decision2 = json.loads((run_dir2 / "decision.json").read_text())
+    assert decision2["decision"] == "NO-GO" and "min_relative_improvement" in decision2["failed"], decision2["summary"]
+    rows = {r["version"]: r for r in registry_rows(db_conn)}
+    assert rows[1]["status"] == "production" and rows[2]["status"] == "rejected"
+    assert production.resolve() == served
