@@ -85,8 +85,10 @@ def run_dir(tmp_path) -> Path:
 # --- shared by the DAG tests -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dagbag(airflow_db):
+    # Per module: dag.test(run_conf=...) leaves the run's conf in the DAG object's params, so a dry run in one
+    # module would make the next module's runs dry too.
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(str(REPO / "dags"))
@@ -180,3 +182,27 @@ def task_log(caplog):
     text.clear = clear  # type: ignore[attr-defined]
     yield text
     processors.remove(capture)
+
+
+def run_no_go_month(db_conn, dag, conf: dict, task_log) -> tuple[dict, dict]:
+    """Run the DAG for "next month" and check it ends as a successful NO-GO on the relative-improvement rule, with
+    the production model as the baseline and the new candidate rejected in the registry.
+    Returns (evaluation/models.json, registry rows by version)."""
+    import json
+
+    from retrain.config import run_dir_for
+
+    task_log.clear()
+    run = dag.test(run_conf=conf)
+    out = task_log()
+    st = states(run)
+    assert st["reject_candidate"] == "success" and st["deploy_model"] == "skipped", out[-6000:]
+    assert st["cleanup"] == "success" and str(run.state).endswith("success")
+    run_dir = run_dir_for(dag.dag_id.removeprefix("retrain_"), run.run_id)
+    models = json.loads((run_dir / "evaluation" / "models.json").read_text())
+    assert models["baseline"]["baseline_kind"] == "production"
+    decision = json.loads((run_dir / "decision.json").read_text())
+    assert decision["decision"] == "NO-GO" and "min_relative_improvement" in decision["failed"], decision["summary"]
+    rows = {r["version"]: r for r in registry_rows(db_conn, dag.dag_id.removeprefix("retrain_"))}
+    assert rows[1]["status"] == "production" and rows[2]["status"] == "rejected"
+    return models, rows
