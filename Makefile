@@ -23,7 +23,7 @@ install: $(STAMP)
 ## The monthly DAG for product_intent, end to end on the embedded defaults (PostgreSQL from pip, S3 from moto, local
 ## state): collect, validate, QLoRA-train the real SmolLM2 on the CPU, evaluate, gate, deploy, encrypted backup,
 ## cleanup. One progress line per task; the full Airflow log goes to .state/logs/. UI=1 then starts the Airflow UI.
-STEPS ?= 40
+STEPS ?= 160
 demo: $(STAMP)
 	$(BIN)/retrain demo --use-case product_intent --param max_train_steps=$(STEPS) $(if $(UI),--ui,)
 

@@ -144,7 +144,7 @@ def run_side(side: str, base: str, rows: list[dict], spec, steps: int, out: Path
         for key, value in common.items():
             setattr(args, key, value)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=qlora.lora_config(spec), callbacks=[meter])
+                         peft_config=qlora.lora_config(spec, model), callbacks=[meter])
     if spec.quantized and not cuda:
         for p in trainer.model.parameters():  # same float32 adapter on both sides (TRL casts it to bf16)
             if p.requires_grad:

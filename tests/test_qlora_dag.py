@@ -11,7 +11,7 @@ Two months through dag.test() against the embedded PostgreSQL and an S3 API serv
 
 The data set is small and training short (a CPU run in CI), so month 1's absolute-score and JSON-validity
 thresholds are lowered through the trigger Params, as a team would do for a smoke run; the relative-improvement
-rule keeps its YAML value (10%) and decides month 2. The full-size run (40 steps, YAML thresholds) is the demo.
+rule keeps its YAML value (10%) and decides month 2. The full-size run (160 steps, YAML thresholds) is the demo.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.integration
 UC = load_use_case("product_intent")
 ROWS, SEED = 260, 7
 PARAMS = {
-    "max_train_steps": 24,
-    "training_overrides": {"eval_steps": 12, "save_steps": 12, "logging_steps": 12},
+    "max_train_steps": 32,
+    "training_overrides": {"eval_steps": 16, "save_steps": 16, "logging_steps": 16},
     "min_score": 0.05,
     "min_json_validity": 0.25,
 }
@@ -53,10 +53,10 @@ def test_real_smollm2_month_1_goes_and_month_2_on_the_same_data_does_not(db_conn
     # Training: the real model, 4-bit base, float32 compute, progress streamed into the task log, loss falling.
     result = json.loads((run_dir / "candidate" / "train_result.json").read_text())
     assert (result["adapter"], result["quantized"], result["compute_dtype"]) == ("qlora", True, "float32")
-    assert result["base_model"] == "smollm2-135m-instruct" and result["steps"] == 24
-    assert result["spec"]["eval_steps"] == 12  # the Params reached the trainer through run_config.json
+    assert result["base_model"] == "smollm2-135m-instruct" and result["steps"] == 32
+    assert result["spec"]["eval_steps"] == 16  # the Params reached the trainer through run_config.json
     assert result["eval_loss"] < 0.7 * result["eval_loss_initial"], result
-    assert "[train] step 24/24 loss" in out and "[eval] step 0/24 eval_loss" in out
+    assert "[train] step 32/32 loss" in out and "[eval] step 0/32 eval_loss" in out
     for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "merged/tokenizer.json",
                  "model_card.md", "Modelfile", "loss.png"):
         assert (run_dir / "candidate" / name).is_file(), name

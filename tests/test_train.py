@@ -295,10 +295,84 @@ def test_4bit_gradients_stay_correct_after_an_evaluation_pass(tiny_model):
         assert torch.allclose(g, after_eval[name], rtol=1e-4, atol=1e-7), name
 
 
+def test_lora_top_layers_adapts_only_the_top_layers_and_backward_stops_below_them(tiny_model):
+    import torch
+    from peft import get_peft_model
+
+    from retrain.train import qlora
+
+    spec = parse_spec({"adapter": "qlora", "lora_top_layers": 1})
+    model = qlora.load_model(str(tiny_model), spec, cuda=False)
+    n_layers = model.config.num_hidden_layers
+    cfg = qlora.lora_config(spec, model)
+    assert sorted(cfg.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    cfg.init_lora_weights = False
+    model = get_peft_model(model, cfg)
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {n_layers - 1}
+
+    # Nothing below the adapted layer needs a gradient, so the backward pass never enters the lower layers.
+    needs_grad = []
+    lower = model.base_model.model.model.layers[n_layers - 2]
+    lower.register_forward_hook(lambda mod, args, out: needs_grad.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+    x = torch.randint(5, 500, (2, 16))
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    assert needs_grad == [False] and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    with pytest.raises(ValueError, match=f"base model has {n_layers} layers"):
+        qlora.lora_config(parse_spec({"lora_top_layers": n_layers + 1}), model.base_model.model)
+    with pytest.raises(TrainingSpecError, match="lora_top_layers"):
+        parse_spec({"lora_top_layers": 0})
+
+
+def test_label_token_weight_reweights_the_decision_tokens_in_the_training_loss_only(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from retrain.train import qlora
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = qlora.label_decision_token_ids(tok, UC)
+    # One decision token per intent (5) and budget tier (4), each the first token where the values diverge.
+    assert len(ids) == 9
+    run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=40)
+    rows = qlora.load_split(run_dir / "train.jsonl")
+    spec = parse_spec({"adapter": "lora", "label_token_weight": 5, "max_steps": 1, "batch_size": 8})
+    trainer = qlora.build_trainer(spec, str(tiny_model), rows, [], tmp_path / "out", cuda=False, label_token_ids=ids)
+    assert type(trainer).__name__ == "WeightedSFTTrainer"
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model
+    model.train()
+    weighted = trainer.compute_loss(model, dict(batch)).item()
+
+    # The same loss by hand: token NLLs, decision tokens x5, weights renormalised to mean 1.
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    targets = labels[mask]
+    is_label = torch.isin(targets, torch.tensor(ids))
+    assert 0 < int(is_label.sum()) < len(targets)
+    w = torch.where(is_label, 5.0, 1.0)
+    w = w * len(w) / w.sum()
+    assert weighted == pytest.approx(float((nll * w).mean()), rel=1e-4)
+
+    weights, trainer.token_weights = trainer.token_weights, None
+    plain = trainer.compute_loss(model, dict(batch)).item()
+    assert plain == pytest.approx(float(nll.mean()), rel=1e-4) and abs(plain - weighted) > 1e-3
+    # Validation loss stays the plain one, comparable across runs and settings.
+    trainer.token_weights = weights
+    model.eval()
+    with torch.no_grad():
+        assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(plain, rel=1e-4)
+
+
 # --- the launcher and the artifacts ---------------------------------------------------------------------
 
 
-def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path, caplog):
+def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path, caplog, capsys):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -350,6 +424,17 @@ def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path,
     assert "FROM ./merged" in modelfile and "PARAMETER temperature 0" in modelfile
     assert "<|im_start|>system\n{{ .System }}<|im_end|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert f'SYSTEM """{UC.system_prompt}"""' in modelfile
+
+    # `retrain score` compares the base model and the candidate on the validation split (no gate, no writes).
+    from retrain.cli import main as cli_main
+
+    assert cli_main(["score", "--run-dir", str(run_dir), "--split", "val"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    n_val = sum(1 for line in (run_dir / "val.jsonl").read_text().splitlines() if line.strip())
+    assert scored["split"] == "val" and scored["examples"] == n_val and set(scored["models"]) == {"base", "candidate"}
+    for metrics_ in scored["models"].values():
+        assert set(metrics_) >= {"primary_score", "exact_match", "json_validity"}
+        assert all(0 <= v <= 1 for v in metrics_.values())
 
     # A retry after success returns the finished result without training again.
     caplog.clear()

@@ -390,6 +390,13 @@ def cmd_check_config(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_score(args) -> int:
+    from retrain import pipeline
+
+    _print(pipeline.score_split(args.run_dir, args.split, tuple(args.model or ("base", "candidate"))))
+    return 0
+
+
 def cmd_stage(args) -> int:
     from retrain import pipeline
 
@@ -433,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=f"run the {name} stage on a prepared run directory")
         p.add_argument("--run-dir", required=True)
         p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("score", help="score the base model and the run's candidate on one split (no gate, no writes)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--model", action="append", help="base, candidate or a model directory (repeatable; default both)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("rollback", help="move production back to a named or the previous model version")
     p.add_argument("--use-case", required=True)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retrain.train.config import TrainingSpec  # pydantic only: safe at DAG parse time
+from retrain.train.config import TrainingSpec, with_overrides  # pydantic only: safe at DAG parse time
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 USE_CASE_NAME = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
@@ -311,10 +311,7 @@ def apply_params(uc: UseCase, params: RunParams) -> UseCase:
         overrides.setdefault("adapter", params.adapter)
     if params.max_train_steps:
         overrides["max_steps"] = params.max_train_steps
-    if "adapter" in overrides and "load_in_4bit" not in overrides:
-        # The YAML's load_in_4bit belongs to the YAML's adapter: switching qlora -> lora must not keep a 4-bit base.
-        training["load_in_4bit"] = None
-    training.update(overrides)
+    data["training"] = with_overrides(training, overrides)
     for key in Thresholds.model_fields:
         value = getattr(params, key)
         if value is not None:

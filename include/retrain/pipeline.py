@@ -252,6 +252,39 @@ def evaluate(run_dir: str | Path) -> dict:
     }
 
 
+def score_split(run_dir: str | Path, split: str = "val", models: tuple[str, ...] = ("base", "candidate")) -> dict:
+    """Score models on one split of a run (no registry, no gate): e.g. the candidate vs the base on validation.
+
+    ``models`` holds "base" (the use case's base model), "candidate" (this run's trained model) or model paths.
+    Returns each model's aggregate metrics; nothing is written.
+    """
+    from retrain import inference, metrics
+
+    run_dir = Path(run_dir)
+    uc, _ = load_run(run_dir)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    inputs, references = metrics.load_test_set(uc, run_dir / f"{split}.jsonl")
+    conversations = [
+        [{"role": "system", "content": uc.system_prompt}, {"role": "user", "content": uc.render_input(text)}]
+        for text in inputs
+    ]
+    budget = inference.max_new_tokens_for(uc, _training_answers(run_dir))
+    out = {"split": split, "examples": len(inputs), "models": {}}
+    for name in models:
+        if name == "base":
+            spec = {"kind": "hf", "path": uc.training.base_model}
+        elif name == "candidate":
+            spec = candidate_spec(_train_result(run_dir))
+        else:
+            spec = {"kind": "hf", "path": name}
+        results, stats = inference.predict(spec, conversations, uc, max_new_tokens=budget)
+        agg = metrics.score_predictions(uc, references, results, inputs=inputs, wall_seconds=stats["seconds"])["aggregate"]
+        out["models"][name] = {k: agg[k] for k in ("primary_score", "exact_match", "json_validity", "schema_validity")
+                               if k in agg}
+    return out
+
+
 def _labels(models: dict) -> dict:
     def name(spec: dict) -> str:
         return str(spec.get("model") or spec.get("path"))

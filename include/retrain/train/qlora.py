@@ -516,21 +516,119 @@ def score_only_labelled_tokens_on_cpu() -> bool:
     return True
 
 
+def label_decision_token_ids(tokenizer, uc) -> list[int]:
+    """The token ids at which the model chooses a label: the first token where a label field's values diverge.
+
+    For ``"intent_type": "GIFT"`` vs ``"intent_type": "URGENT"`` that is the first token of the value. The
+    values are tokenised in the answer's own context (``"field": "value"``, as dataset.py writes it), so the ids
+    are the ones the training data carries.
+    """
+    ids: set[int] = set()
+    for path in uc.fields.labels:
+        values = [v for v in (uc.schema_at(path) or {}).get("enum", []) if isinstance(v, str)]
+        if len(values) < 2:
+            continue
+        key = path.rsplit(".", 1)[-1]
+        seqs = [tokenizer(json.dumps({key: v}, ensure_ascii=False)[:-1], add_special_tokens=False)["input_ids"]
+                for v in values]
+        k = 0
+        while all(len(q) > k for q in seqs) and len({q[k] for q in seqs}) == 1:
+            k += 1
+        ids.update(q[k] for q in seqs if len(q) > k)
+    return sorted(ids)
+
+
+def weighted_trainer_class():
+    """SFTTrainer whose *training* loss counts chosen target tokens more; evaluation loss is the plain one.
+
+    Why: in a structured answer the label is one token among ~60 (braces, keys, entities, tags), so the
+    averaged loss spends almost all of its gradient on format and copying, and the label -- the token the gate
+    scores -- is learnt last (on SmolLM2 / product_intent, intent accuracy stayed at the majority class for the
+    first epoch while validation loss fell 1.9 -> 0.3). Weighting the label tokens makes each step count for
+    them. Weights are renormalised to mean 1 over the labelled tokens of each batch, so the loss scale (and
+    gradient clipping) is unchanged. Works with TRL's fused LM head: its per-token log-probabilities are scaled
+    before TRL sums them.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    class _Reweighted:
+        def __init__(self, model, weights, labels):
+            self._model, self._weights, self._labels = model, weights, labels
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def __call__(self, *args, **kwargs):
+            out = self._model(*args, **kwargs)
+            log_probs = getattr(out, "log_probs", None)
+            if log_probs is None or self._labels is None:
+                return out
+            labels = self._labels[:, 1:] if log_probs.shape[1] == self._labels.shape[1] - 1 else self._labels
+            mask = labels != -100
+            w = self._weights.to(log_probs.device)[labels.clamp(min=0)] * mask
+            w = w * (mask.sum() / w.sum().clamp(min=1e-6))
+            out.log_probs = log_probs * w
+            return out
+
+    class WeightedSFTTrainer(SFTTrainer):
+        token_weights = None  # float tensor over the vocabulary, set by build_trainer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.token_weights is not None and self.model.training:
+                shift = inputs.get("shift_labels")
+                labels = shift if shift is not None else inputs.get("labels")
+                model = _Reweighted(model, self.token_weights, labels)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    WeightedSFTTrainer.__name__ = "WeightedSFTTrainer"
+    _ = torch  # imported for the tensor ops above
+    return WeightedSFTTrainer
+
+
 def _gc(spec, cuda: bool) -> bool:
     return cuda if spec.gradient_checkpointing is None else spec.gradient_checkpointing
 
 
-def lora_config(spec):
+def lora_config(spec, model=None):
+    """PEFT LoraConfig for the spec; ``model`` (the loaded base) is needed only for ``lora_top_layers``."""
     from peft import LoraConfig
 
+    layers, targets = None, spec.target_modules
+    if spec.lora_top_layers:
+        num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if not num_layers:
+            raise ValueError("lora_top_layers needs the loaded base model (its config.num_hidden_layers)")
+        if spec.lora_top_layers > num_layers:
+            raise ValueError(
+                f"lora_top_layers is {spec.lora_top_layers} but the base model has {num_layers} layers; "
+                f"set it to at most {num_layers} or to null (every layer)"
+            )
+        layers = list(range(num_layers - spec.lora_top_layers, num_layers))
+        if targets == "all-linear":  # PEFT accepts layers_to_transform only with explicit module names
+            targets = linear_module_names(model)
     return LoraConfig(
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
-        target_modules=spec.target_modules,
+        target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def linear_module_names(model) -> list[str]:
+    """What 'all-linear' means for this model: the names of its linear layers inside the decoder layers."""
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name  # bnb's Linear4bit is an nn.Linear too
+    }
+    return sorted(names)
 
 
 def sft_config(spec, output_dir: Path, *, cuda: bool, has_eval: bool, eval_on_start: bool):
@@ -588,6 +686,7 @@ def build_trainer(
     cuda: bool | None = None,
     eval_on_start: bool = False,
     callbacks: list | None = None,
+    label_token_ids: list[int] | None = None,
 ):
     """An SFTTrainer with the tokenised datasets ready (also used by the tests to inspect labels)."""
     from datasets import Dataset
@@ -607,18 +706,26 @@ def build_trainer(
     cbs = list(callbacks or [])
     if has_eval and spec.early_stopping_patience:
         cbs.append(EarlyStoppingCallback(spec.early_stopping_patience, spec.early_stopping_threshold))
-    trainer = SFTTrainer(
+    weighted = spec.label_token_weight > 1 and bool(label_token_ids)
+    trainer_cls = weighted_trainer_class() if weighted else SFTTrainer
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if has_eval else None,
         processing_class=tokenizer,
-        peft_config=lora_config(spec),
+        peft_config=lora_config(spec, model),
         callbacks=cbs,
     )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; the Progress callback prints readable lines
+    if weighted:
+        import torch
+
+        weights = torch.ones(max(len(tokenizer), model.config.vocab_size))
+        weights[list(label_token_ids)] = spec.label_token_weight
+        trainer.token_weights = weights
     if spec.quantized and not cuda:
         # TRL casts the adapter of a quantized model to bf16 (the GPU recipe); bf16 updates on CPU did not
         # learn here, so keep the trainable weights in float32.
@@ -688,9 +795,10 @@ def train(run_dir: str | Path, *, resume: str = "auto", overrides: dict | None =
     fingerprint = run_fingerprint(run_dir, spec, uc.training.base_model)
     resume_from = _prepare_checkpoint_dir(checkpoints, fingerprint, resume)
     progress = _Progress()
+    label_ids = label_decision_token_ids(tokenizer, uc) if spec.label_token_weight > 1 else None
     trainer = build_trainer(
         spec, base_path, train_rows, val_rows, checkpoints,
-        cuda=cuda, eval_on_start=resume_from is None, callbacks=[progress],
+        cuda=cuda, eval_on_start=resume_from is None, callbacks=[progress], label_token_ids=label_ids,
     )
     resumed_step = int(_CHECKPOINT.match(resume_from.name).group(1)) if resume_from else None
     world = trainer.args.world_size
