@@ -113,8 +113,9 @@ def make_run_dir(run_dir: Path, base_model: str, *, n: int = 160, seed: int = 5)
 
 # A few fast optimiser steps; eval/save often enough that every code path (early-stopping bookkeeping,
 # checkpoint rotation, best-model reload) runs.
+# lora_top_layers: the product_intent YAML adapts the top 15 of SmolLM2's 30 layers; the tiny Llama has 2.
 FAST = {"max_steps": 8, "eval_steps": 4, "save_steps": 4, "logging_steps": 1, "batch_size": 4,
-        "learning_rate": 3e-3, "warmup_ratio": 0.0}
+        "learning_rate": 3e-3, "warmup_ratio": 0.0, "lora_top_layers": None}
 
 
 def launch_lines(caplog) -> list[str]:
