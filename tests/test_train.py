@@ -334,15 +334,20 @@ def test_label_token_weight_reweights_the_decision_tokens_in_the_training_loss_o
     from retrain.train import qlora
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids = qlora.label_decision_token_ids(tok, UC)
-    # One decision token per intent (5) and budget tier (4), each the first token where the values diverge.
-    assert len(ids) == 9
+    points = qlora.label_decision_points(tok, UC)
+    # Per label field: the key's last tokens and one first-token id per value (5 intents, 4 budget tiers).
+    assert [len(ids) for _, ids in points] == [5, 4]
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=40)
     rows = qlora.load_split(run_dir / "train.jsonl")
     spec = parse_spec({"adapter": "lora", "label_token_weight": 5, "max_steps": 1, "batch_size": 8})
-    trainer = qlora.build_trainer(spec, str(tiny_model), rows, [], tmp_path / "out", cuda=False, label_token_ids=ids)
+    trainer = qlora.build_trainer(spec, str(tiny_model), rows, [], tmp_path / "out", cuda=False, label_points=points)
     assert type(trainer).__name__ == "WeightedSFTTrainer"
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    # Exactly the two decisions of each answer (intent, budget) are marked, not other occurrences of those ids.
+    decisions = qlora.decision_mask(batch["input_ids"], points)
+    assert decisions.sum(1).tolist() == [2] * batch["input_ids"].shape[0]
+    assert bool((batch["labels"][decisions] != -100).all())
+
     model = trainer.model
     model.train()
     weighted = trainer.compute_loss(model, dict(batch)).item()
@@ -353,18 +358,15 @@ def test_label_token_weight_reweights_the_decision_tokens_in_the_training_loss_o
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
-    targets = labels[mask]
-    is_label = torch.isin(targets, torch.tensor(ids))
-    assert 0 < int(is_label.sum()) < len(targets)
-    w = torch.where(is_label, 5.0, 1.0)
+    w = torch.where(decisions[:, 1:][mask], 5.0, 1.0)
     w = w * len(w) / w.sum()
     assert weighted == pytest.approx(float((nll * w).mean()), rel=1e-4)
 
-    weights, trainer.token_weights = trainer.token_weights, None
+    weighting, trainer.label_weighting = trainer.label_weighting, None
     plain = trainer.compute_loss(model, dict(batch)).item()
     assert plain == pytest.approx(float(nll.mean()), rel=1e-4) and abs(plain - weighted) > 1e-3
     # Validation loss stays the plain one, comparable across runs and settings.
-    trainer.token_weights = weights
+    trainer.label_weighting = weighting
     model.eval()
     with torch.no_grad():
         assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(plain, rel=1e-4)
