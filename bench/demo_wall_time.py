@@ -28,7 +28,7 @@ TASK_LINE = re.compile(r"^\s*\[\s*\d+/\d+\]\s+(\S+)\s+(\S+)\s+([\d.]+)s")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="max_train_steps, as `make demo` (STEPS)")
+    parser.add_argument("--steps", type=int, default=160, help="max_train_steps, as `make demo` (STEPS)")
     parser.add_argument("--keep", action="store_true", help="keep the state directory (its path is printed)")
     args = parser.parse_args()
 
