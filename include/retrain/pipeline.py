@@ -209,6 +209,12 @@ def _training_answers(run_dir: Path) -> list[str]:
     return answers
 
 
+def _conversations(uc, inputs: list[str]) -> list[list[dict]]:
+    """The prompts a model answers at evaluation: the use case's system prompt and each rendered input."""
+    return [[{"role": "system", "content": uc.system_prompt}, {"role": "user", "content": uc.render_input(text)}]
+            for text in inputs]
+
+
 @_recorded("evaluate_candidate")
 def evaluate(run_dir: str | Path) -> dict:
     """Candidate and baseline (production model, or the base model on a first run) answer the same frozen test set."""
@@ -221,10 +227,7 @@ def evaluate(run_dir: str | Path) -> dict:
         baseline = registry.baseline_spec(conn, uc)
     candidate = candidate_spec(_train_result(run_dir))
     inputs, references = metrics.load_test_set(uc, run_dir / "test.jsonl")
-    conversations = [
-        [{"role": "system", "content": uc.system_prompt}, {"role": "user", "content": uc.render_input(text)}]
-        for text in inputs
-    ]
+    conversations = _conversations(uc, inputs)
     out = run_dir / "evaluation"
     out.mkdir(exist_ok=True)
     # Both models get the same budget, bounded by the schema and by the longest answer they were trained on.
@@ -265,10 +268,7 @@ def score_split(run_dir: str | Path, split: str = "val", models: tuple[str, ...]
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     inputs, references = metrics.load_test_set(uc, run_dir / f"{split}.jsonl")
-    conversations = [
-        [{"role": "system", "content": uc.system_prompt}, {"role": "user", "content": uc.render_input(text)}]
-        for text in inputs
-    ]
+    conversations = _conversations(uc, inputs)
     budget = inference.max_new_tokens_for(uc, _training_answers(run_dir))
     out = {"split": split, "examples": len(inputs), "models": {}}
     for name in models:
