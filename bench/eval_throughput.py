@@ -6,7 +6,8 @@ user message, as in test.jsonl). Both sides use greedy decoding, the same stop r
 object closing) and the same token budget. The batched side is the evaluation engine as the pipeline runs it:
 prompts sorted by length, left-padded batches, the shared system-prompt prefix computed once per batch and its
 key/value cache shared. The per-example side calls `model.generate` once per conversation (no padding, no
-sharing). The script checks that both produce the same tokens for every example, then prints both timings
+sharing). Both decode under the use case's output schema, as the pipeline does (retrain.guided; --no-guided
+turns it off on both sides). The script checks that both produce the same tokens for every example, then prints both timings
 and the speed ratio. Target: >= 4x.
 
     .venv/bin/python bench/eval_throughput.py [--examples 64] [--batch-size 32] [--max-new-tokens 96]
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--use-case", default="product_intent")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="base model name, path or hub id")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--no-guided", action="store_true", help="decode without the output schema (both sides)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--target", type=float, default=4.0)
     ap.add_argument("-v", "--verbose", action="store_true", help="log every batch")
@@ -79,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     convs = build_conversations(args.use_case, args.examples, args.seed)
 
     t0 = time.perf_counter()
-    engine = make_engine({"kind": "hf", "path": args.model, "label": "bench"}, batch_size=args.batch_size)
+    engine = make_engine({"kind": "hf", "path": args.model, "label": "bench"}, batch_size=args.batch_size,
+                         schema=None if args.no_guided else uc.output_schema)
     load_s = time.perf_counter() - t0
     prompt_lens = [len(engine.prompt_ids(c)) for c in convs]
     print(f"model {engine.source} loaded in {load_s:.1f} s; {len(convs)} {args.use_case} conversations, "
           f"prompt tokens {min(prompt_lens)}-{max(prompt_lens)}, max_new_tokens {max_new}, "
-          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}",
+          f"batch size {args.batch_size}, {'raw' if args.no_guided else 'schema-guided'} decoding, "
+          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}",
           flush=True)
     engine.generate_ids(convs[:2], max_new_tokens=4)  # warm-up: first-call allocations and lazy init
 

@@ -53,6 +53,8 @@ def mutate(**changes):
         ({"fields__labels": ["category"]}, "needs an enum"),
         ({"data__split": {"train": 0.8, "val": 0.1, "test": 0.2}}, "must sum to 1.0"),
         ({"name": "Product Intent"}, "lower_snake_case"),
+        ({"evaluation": {"guided": True}}, "evaluation.guided: unknown field"),
+        ({"evaluation": {"guided_decoding": "sometimes"}}, "evaluation.guided_decoding: Input should be a valid boolean"),
         ({"output_schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "not a valid JSON Schema"),
     ],
 )

@@ -303,6 +303,22 @@ def test_predict_hf_reports_throughput_and_latency(tiny_model_dir):
     assert 0 < stats["p50"] <= stats["p95"] <= max(r["latency_s"] for r in results)
 
 
+def test_predict_guides_local_models_by_the_output_schema_unless_the_use_case_says_no(tiny_model_dir, monkeypatch):
+    import retrain.inference as inference
+
+    seen = []
+    real = inference.make_engine
+    monkeypatch.setattr(inference, "make_engine", lambda spec, **kw: seen.append(kw["schema"]) or real(spec, **kw))
+    uc = load_use_case("product_intent")
+    raw = uc.model_copy(update={"evaluation": uc.evaluation.model_copy(update={"guided_decoding": False})})
+    convs = conversations("product_intent", 2)
+    guided, _ = predict({"kind": "hf", "path": tiny_model_dir}, convs, uc, max_new_tokens=6)
+    unguided, _ = predict({"kind": "hf", "path": tiny_model_dir}, convs, raw, max_new_tokens=6)
+    assert seen == [uc.output_schema, None]
+    # The random tiny model never opens a JSON object: the guide leaves prose alone.
+    assert [r["text"] for r in guided] == [r["text"] for r in unguided]
+
+
 @pytest.mark.slow
 def test_real_smollm2_batched_equals_one_by_one_and_stops_at_json(smol_path):
     """The real base model: a batch of 6 vs 6 single generates, same tokens; answers stop at EOS or '}'."""

@@ -438,6 +438,15 @@ def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path,
     for metrics_ in scored["models"].values():
         assert set(metrics_) >= {"primary_score", "exact_match", "json_validity"}
         assert all(0 <= v <= 1 for v in metrics_.values())
+    # After cleanup the split files live only in the encrypted backup: the error says how to get them back.
+    from retrain.pipeline import score_split
+
+    (run_dir / "val.jsonl").rename(tmp_path / "val.jsonl")
+    (run_dir / "backup.json").write_text(json.dumps({"backup_id": "product_intent/run-1/abc"}))
+    with pytest.raises(FileNotFoundError, match="removed by cleanup.*retrain backup restore product_intent/run-1/abc"):
+        score_split(run_dir, "val")
+    (run_dir / "backup.json").unlink()
+    (tmp_path / "val.jsonl").rename(run_dir / "val.jsonl")
 
     # A retry after success returns the finished result without training again.
     caplog.clear()
@@ -531,54 +540,26 @@ def test_two_process_data_parallel_lora_on_cpu(tiny_model, tmp_path, caplog, mon
     assert (run_dir / "candidate" / "merged" / "model.safetensors").is_file()
 
 
-def greedy_exact_match(model_path: str, rows: list[dict], *, max_new_tokens: int = 96, batch_size: int = 8) -> dict:
-    """Share of examples whose greedy generation parses as JSON equal to the label (and JSON validity)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    exact = valid = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        prompts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for r, text in zip(chunk, tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
-            try:
-                got = json.loads(text.strip())
-            except json.JSONDecodeError:
-                continue
-            valid += 1
-            exact += got == json.loads(r["completion"][0]["content"])
-    return {"exact_match": exact / len(rows), "json_valid": valid / len(rows), "n": len(rows)}
-
-
 @pytest.mark.slow
 def test_real_smollm2_qlora_learns_product_intent(db_conn, caplog):
     """The Done-means check: real SmolLM2-135M-Instruct, QLoRA nf4 on the CPU, a pipeline-built dataset."""
     from retrain import pipeline
-    from retrain.models import resolve_base_model
     from retrain.synthetic import seed_examples
     from retrain.train.launch import train_qlora
-    from retrain.train.qlora import load_split
 
     caplog.set_level(logging.INFO, logger=LAUNCH_LOGGER)
     seed_examples(db_conn, UC, 600, seed=7, dirty=0.0)
     run_dir = pipeline.prepare_run("product_intent", "manual__smollm2_qlora", {})["run_dir"]
     pipeline.collect(run_dir)
     pipeline.build(run_dir)
-    val = load_split(Path(run_dir) / "val.jsonl")
-    before = greedy_exact_match(resolve_base_model(UC.training.base_model), val)
 
     overrides = json.loads(os.environ.get("RETRAIN_SLOW_TRAIN_OVERRIDES", "{}")) or {
         "max_steps": 60, "eval_steps": 20, "save_steps": 20, "learning_rate": 1e-3,
     }
     result = train_qlora(run_dir, extra_overrides=overrides)
-    after = greedy_exact_match(result["merged_path"], val)
+    # Scored the way the gate scores: the same prompts, schema-guided greedy decoding, the use case's metrics.
+    scores = pipeline.score_split(run_dir, "val", ("base", "candidate"))["models"]
+    before, after = scores["base"], scores["candidate"]
     report = {"before": before, "after": after, "eval_loss_initial": result["eval_loss_initial"],
               "eval_loss": result["eval_loss"], "train_loss_first": result["train_loss_first"],
               "train_loss": result["train_loss"], "steps": result["steps"], "seconds": result["seconds"],
@@ -587,5 +568,6 @@ def test_real_smollm2_qlora_learns_product_intent(db_conn, caplog):
     (Path(run_dir) / "slow_test_report.json").write_text(json.dumps(report, indent=2))
     assert result["quantized"] and result["device"] == "cpu"
     assert result["eval_loss"] < 0.5 * result["eval_loss_initial"], report
-    assert after["exact_match"] >= before["exact_match"] + 0.3, report
-    assert after["json_valid"] >= 0.9, report
+    # intent_type exact match; measured 0.000 -> 0.614 after these 60 steps (0.931 on test after the demo's 160).
+    assert after["primary_score"] >= before["primary_score"] + 0.3, report
+    assert after["json_validity"] >= 0.9 and after["schema_validity"] >= 0.9, report

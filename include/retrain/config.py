@@ -118,6 +118,15 @@ class BackupConfig(_Strict):
         return v
 
 
+class EvaluationConfig(_Strict):
+    """How models answer the frozen test set."""
+
+    guided_decoding: bool = Field(
+        True, description="local models decode under output_schema (enum values, property names, maxItems, a "
+                          "repeated list item ends the list), as Ollama's format / vLLM's guided decoding serve "
+                          "them; false scores raw greedy output")
+
+
 class FieldRoles(_Strict):
     """Which output fields are scored how. Dotted paths address nested objects (``entities.po_number``)."""
 
@@ -138,6 +147,7 @@ class UseCase(_Strict):
     data: DataRules = DataRules()
     training: TrainingConfig = TrainingConfig()
     backup: BackupConfig = BackupConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @field_validator("name")
     @classmethod

@@ -273,7 +273,8 @@ def _resolve_path(name: str) -> str:
 class HFEngine:
     """Batched greedy generation with a local causal LM (float32 on CPU, so batched == one-by-one outputs)."""
 
-    def __init__(self, spec: dict, *, batch_size: int = 32, prefix_cache: bool = True):
+    def __init__(self, spec: dict, *, batch_size: int = 32, prefix_cache: bool = True,
+                 schema: dict[str, Any] | None = None):
         import json
 
         import torch
@@ -283,6 +284,9 @@ class HFEngine:
             raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.prefix_cache = prefix_cache
+        # With a schema, decoding is guided by it (retrain.guided): as a serving stack with JSON-schema output.
+        self.schema = schema
+        self.guided_tokens = 0  # tokens the schema overruled in the last batch
         self.label = spec.get("label")
         raw = spec.get("path")
         if not raw:
@@ -381,6 +385,14 @@ class HFEngine:
             attention[row, total - len(tail):] = 1
         stop = _json_stop_class()(self._token_text, total, len(batch))
         kwargs = {}
+        guard = None
+        if self.schema is not None:
+            from transformers import LogitsProcessorList
+
+            from retrain.guided import schema_guard_class
+
+            guard = schema_guard_class()(self.schema, self._token_text, total, len(batch), self.eos_ids)
+            kwargs["logits_processor"] = LogitsProcessorList([guard])
         with torch.inference_mode():
             if prefix:
                 # Every test prompt starts with the same system prompt (~60% of its tokens): run it once and let
@@ -413,6 +425,7 @@ class HFEngine:
             if stop.stop_index[row] is not None:
                 end = min(end, stop.stop_index[row] + 1)
             results.append(gen[:end])
+        self.guided_tokens = guard.masked if guard is not None else 0
         return results, prefix
 
     def generate_ids(self, conversations: Sequence[Any], *, max_new_tokens: int,
@@ -434,11 +447,13 @@ class HFEngine:
             for i, g in zip(idx, gens):
                 outputs[i] = g
             info = {"indices": idx, "seconds": seconds, "prompt_tokens": max(len(prompts[i]) for i in idx),
-                    "shared_prefix": shared, "new_tokens": max(len(g) for g in gens)}
+                    "shared_prefix": shared, "new_tokens": max(len(g) for g in gens),
+                    "guided_tokens": self.guided_tokens}
             batches.append(info)
-            log.info("%s batch %d/%d: %d examples, %d prompt tokens (%d shared), %d new tokens, %.2f s",
+            log.info("%s batch %d/%d: %d examples, %d prompt tokens (%d shared), %d new tokens, %.2f s%s",
                      self.label or "model", k + 1, n_batches, len(idx), info["prompt_tokens"], shared,
-                     info["new_tokens"], seconds)
+                     info["new_tokens"], seconds,
+                     f", {self.guided_tokens} tokens overruled by the output schema" if self.schema else "")
         return outputs, batches
 
     def decode(self, ids: list[int]) -> str:
@@ -584,10 +599,13 @@ def _failed(error: str, attempts: int) -> dict:
 # --- entry points --------------------------------------------------------------------------------------
 
 
-def make_engine(spec: dict, *, batch_size: int = 32, concurrency: int = 4) -> Engine:
+def make_engine(spec: dict, *, batch_size: int = 32, concurrency: int = 4,
+                schema: dict[str, Any] | None = None) -> Engine:
+    """schema: guide a local model's decoding by this JSON schema (retrain.guided). An OpenAI-compatible endpoint
+    decodes on its side; fine-tuned chat models there answer in the trained format."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "hf":
-        return HFEngine(spec, batch_size=batch_size)
+        return HFEngine(spec, batch_size=batch_size, schema=schema)
     if kind == "openai":
         return OpenAIEngine(spec, concurrency=concurrency)
     raise InferenceError(f"unknown model spec kind {kind!r} in {spec!r}: use 'hf' (local model) or 'openai'")
@@ -614,12 +632,14 @@ def predict(spec: dict, conversations: Sequence[Any], uc, *, batch_size: int = D
 
     Returns (results in input order, {"seconds", "examples_per_s", "p50", "p95", "max_new_tokens", "errors",
     "n"}); p50/p95 are per-example latencies (see the module docstring for what latency means per engine)
-    over the examples that did not fail. max_new_tokens defaults to max_new_tokens_for(uc).
+    over the examples that did not fail. max_new_tokens defaults to max_new_tokens_for(uc). A local model decodes
+    under the use case's output schema unless ``evaluation.guided_decoding`` is false.
     """
     import gc
 
     max_new = max_new_tokens or max_new_tokens_for(uc)
-    engine = make_engine(spec, batch_size=batch_size, concurrency=concurrency)
+    schema = uc.output_schema if uc.evaluation.guided_decoding else None
+    engine = make_engine(spec, batch_size=batch_size, concurrency=concurrency, schema=schema)
     try:
         started = time.perf_counter()
         results = engine.generate(list(conversations), max_new_tokens=max_new)

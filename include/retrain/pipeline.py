@@ -267,7 +267,13 @@ def score_split(run_dir: str | Path, split: str = "val", models: tuple[str, ...]
     uc, _ = load_run(run_dir)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
-    inputs, references = metrics.load_test_set(uc, run_dir / f"{split}.jsonl")
+    path = run_dir / f"{split}.jsonl"
+    if not path.is_file() and (run_dir / "backup.json").is_file():
+        backup_id = json.loads((run_dir / "backup.json").read_text()).get("backup_id")
+        raise FileNotFoundError(
+            f"{path} was removed by cleanup after the run's encrypted backup: restore it with `retrain backup restore "
+            f"{backup_id} --target-dir <dir>` and score <dir>")
+    inputs, references = metrics.load_test_set(uc, path)
     conversations = _conversations(uc, inputs)
     budget = inference.max_new_tokens_for(uc, _training_answers(run_dir))
     out = {"split": split, "examples": len(inputs), "models": {}}
