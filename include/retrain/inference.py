@@ -286,7 +286,6 @@ class HFEngine:
         self.prefix_cache = prefix_cache
         # With a schema, decoding is guided by it (retrain.guided): as a serving stack with JSON-schema output.
         self.schema = schema
-        self.guided_tokens = 0  # tokens the schema overruled in the last batch
         self.label = spec.get("label")
         raw = spec.get("path")
         if not raw:
@@ -363,8 +362,9 @@ class HFEngine:
                                 temperature=None, top_p=None, top_k=None,
                                 pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True)
 
-    def _run_batch(self, batch: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
-        """(generated token ids per prompt, cut at EOS or where the JSON object closed; shared prefix length)."""
+    def _run_batch(self, batch: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], int, int]:
+        """(generated token ids per prompt, cut at EOS or where the JSON object closed; shared prefix length;
+        tokens the output schema overruled)."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -425,8 +425,7 @@ class HFEngine:
             if stop.stop_index[row] is not None:
                 end = min(end, stop.stop_index[row] + 1)
             results.append(gen[:end])
-        self.guided_tokens = guard.masked if guard is not None else 0
-        return results, prefix
+        return results, prefix, guard.masked if guard is not None else 0
 
     def generate_ids(self, conversations: Sequence[Any], *, max_new_tokens: int,
                      batch_size: int | None = None) -> tuple[list[list[int]], list[dict]]:
@@ -442,18 +441,18 @@ class HFEngine:
         for k in range(n_batches):
             idx = order[k * size:(k + 1) * size]
             started = time.perf_counter()
-            gens, shared = self._run_batch([prompts[i] for i in idx], max_new_tokens)
+            gens, shared, guided = self._run_batch([prompts[i] for i in idx], max_new_tokens)
             seconds = time.perf_counter() - started
             for i, g in zip(idx, gens):
                 outputs[i] = g
             info = {"indices": idx, "seconds": seconds, "prompt_tokens": max(len(prompts[i]) for i in idx),
                     "shared_prefix": shared, "new_tokens": max(len(g) for g in gens),
-                    "guided_tokens": self.guided_tokens}
+                    "guided_tokens": guided}
             batches.append(info)
             log.info("%s batch %d/%d: %d examples, %d prompt tokens (%d shared), %d new tokens, %.2f s%s",
                      self.label or "model", k + 1, n_batches, len(idx), info["prompt_tokens"], shared,
                      info["new_tokens"], seconds,
-                     f", {self.guided_tokens} tokens overruled by the output schema" if self.schema else "")
+                     f", {guided} tokens overruled by the output schema" if self.schema else "")
         return outputs, batches
 
     def decode(self, ids: list[int]) -> str:
