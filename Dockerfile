@@ -48,7 +48,7 @@ RUN pip install --no-cache-dir -c /opt/airflow/torch-constraint.txt \
          "apache-airflow==${AIRFLOW_VERSION}" -r requirements.txt \
     && pip install --no-cache-dir --no-deps -r requirements-nodeps.txt
 
-# The project. Editable on purpose: retrain.config finds the repository root (use cases, SQL) relative to
+# The project. Editable on purpose: retrain.schemas.use_case finds the repository root (use cases, SQL) relative to
 # its own file, so the package must stay at /opt/airflow/include/retrain; editable also means the
 # ./include bind mount of docker-compose.yaml replaces the code without a rebuild. RETRAIN_HOME is
 # group-writable because compose runs the containers as ${AIRFLOW_UID}:0, often not 50000 but always group 0.

@@ -4,7 +4,7 @@ One run starts a moto S3 server in its own process (its memory is not ours), wri
 (default 2 GiB; ``--sparse`` makes a sparse file instead, ``--size`` shrinks it), then uploads it
 
 * plain  — ``boto3.client("s3").upload_file`` with boto3's default transfer settings (8 MiB parts, 10 threads);
-* backup — ``retrain.backup.backup_run`` on a run directory holding the same file (hard-linked as
+* backup — ``retrain.backup.operations.backup_run`` on a run directory holding the same file (hard-linked as
            ``candidate/merged/model.safetensors``): tar stream -> AES-256-GCM chunks -> multipart upload,
 
 each side in a fresh subprocess that reports its wall time and its peak RSS (VmHWM from /proc/self/status), with the
@@ -64,7 +64,7 @@ def child(side: str, path: str, endpoint: str) -> None:
     from botocore.config import Config
 
     if side == "backup":
-        from retrain import backup  # noqa: F401
+        from retrain.backup import operations as backup  # noqa: F401
 
     idle_rss = _vm("VmRSS")
     cpu0 = _cpu_seconds("self")
@@ -74,14 +74,14 @@ def child(side: str, path: str, endpoint: str) -> None:
         s3.upload_file(path, BUCKET, "plain/model.safetensors")
         extra = {}
     elif side == "backup":
-        from retrain.backup import backup_run
+        from retrain.backup.operations import backup_run
 
         run_dir = Path(path).parent / "run"
         result = backup_run(run_dir, use_case="product_intent", run_id="bench")
         extra = {"chunks": result["chunks"], "ciphertext_bytes": result["ciphertext_bytes"],
                  "backup_id": result["backup_id"]}
     else:  # drill
-        from retrain.backup import verify_backup
+        from retrain.backup.operations import verify_backup
 
         result = verify_backup("product_intent/bench")
         extra = {"chunks": result["chunks"]}

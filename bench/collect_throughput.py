@@ -41,7 +41,7 @@ if mode == "copy":
     rows = sum(1 for _ in open(out, "rb"))
     result = {"rows": rows}
 else:
-    from retrain.collect import collect_examples
+    from retrain.data.collect import collect_examples
     result = collect_examples(conn, "product_intent", "bench-run", out)
     result = {"rows": result["rows"], "skipped": sum(result["skipped"].values())}
 elapsed = time.perf_counter() - start
@@ -51,7 +51,7 @@ hwm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswi
 # an upper bound on the whole process tree.
 workers = 0
 if mode == "collect":
-    from retrain.collect import _workers_for
+    from retrain.data.collect import _workers_for
     workers = _workers_for({"from_id": 0, "to_id": rows_hint}) if (rows_hint := int(sys.argv[5])) else 0
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 result.update(seconds=elapsed, peak_rss_mb=(hwm_kb + workers * child_kb) / 1024, workers=workers,
@@ -75,8 +75,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from retrain import db
-    from retrain.config import load_use_case
-    from retrain.synthetic import seed_examples
+    from retrain.schemas.use_case import load_use_case
+    from retrain.data.synthetic import seed_examples
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     dsn = os.environ.get("RETRAIN_BENCH_DATABASE_URL") or db.start_embedded(tmp / "pg")

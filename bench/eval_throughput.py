@@ -1,12 +1,12 @@
-"""Batched evaluation (retrain.inference) vs a per-example `generate` loop: same model, same inputs, same outputs.
+"""Batched evaluation (retrain.evaluate.inference) vs a per-example `generate` loop: same model, same inputs, same outputs.
 
 The model is the real SmolLM2-135M-Instruct (the platform's default base model, i.e. the first run's baseline);
-the inputs are product_intent-like test conversations built from retrain.synthetic (system prompt + rendered
+the inputs are product_intent-like test conversations built from retrain.data.synthetic (system prompt + rendered
 user message, as in test.jsonl). Both sides use greedy decoding, the same stop rule (EOS, or the first JSON
 object closing) and the same token budget. The batched side is the evaluation engine as the pipeline runs it:
 prompts sorted by length, left-padded batches, the shared system-prompt prefix computed once per batch and its
 key/value cache shared. The per-example side calls `model.generate` once per conversation (no padding, no
-sharing). Both decode under the use case's output schema, as the pipeline does (retrain.guided; --no-guided
+sharing). Both decode under the use case's output schema, as the pipeline does (retrain.evaluate.guided; --no-guided
 turns it off on both sides). The script checks that both produce the same tokens for every example, then prints both timings
 and the speed ratio. Target: >= 4x.
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO / "include"))
 
 
 def build_conversations(use_case: str, n: int, seed: int) -> list[list[dict]]:
-    from retrain.config import load_use_case
-    from retrain.synthetic import generate_rows
+    from retrain.schemas.use_case import load_use_case
+    from retrain.data.synthetic import generate_rows
 
     uc = load_use_case(use_case)
     seen, convs = set(), []
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from retrain.config import load_use_case
-    from retrain.inference import make_engine, max_new_tokens_for
+    from retrain.schemas.use_case import load_use_case
+    from retrain.evaluate.inference import make_engine, max_new_tokens_for
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@ optimizer steps. Only the trainer configuration differs:
 
 * stock: ``SFTConfig()`` defaults -- gradient checkpointing on, random batches padded to the longest example;
   ``bf16`` is switched off on a CPU because stock ``SFTConfig`` refuses to start there otherwise.
-* ours: ``retrain.train.qlora.sft_config`` -- gradient checkpointing only on CUDA (memory is not what limits a
+* ours: ``retrain.train.qlora.trainer.sft_config`` -- gradient checkpointing only on CUDA (memory is not what limits a
   CPU), length-grouped batches (less padding), on the CPU the LM head scores only the completion positions (TRL
   does that only where Triton runs) with narrower tiles (less memory), optional padding-free / packing
   (``--padding-free``, ``--packing``).
@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO / "include"))
 
 def examples(n: int, seed: int = 0) -> list[dict]:
     """product_intent chat examples as prompt/completion pairs (the run-directory contract, no database)."""
-    from retrain.config import load_use_case
-    from retrain.synthetic import generate_rows
-    from retrain.train.qlora import to_prompt_completion
+    from retrain.schemas.use_case import load_use_case
+    from retrain.data.synthetic import generate_rows
+    from retrain.train.qlora.trainer import to_prompt_completion
 
     uc = load_use_case("product_intent")
     out = []
@@ -118,7 +118,7 @@ def run_side(side: str, base: str, rows: list[dict], spec, steps: int, out: Path
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from retrain.train import qlora
+    from retrain.train.qlora import trainer as qlora
 
     import trl.trainer.utils as trl_utils
 
@@ -191,9 +191,9 @@ def main() -> None:
     import trl.trainer.utils as trl_utils
 
     _STOCK_USE_TRITON = trl_utils._use_triton
-    from retrain.models import resolve_base_model
-    from retrain.train.config import parse_spec
-    from retrain.train.qlora import drop_too_long
+    from retrain.evaluate.models import resolve_base_model
+    from retrain.schemas.training import parse_spec
+    from retrain.train.qlora.trainer import drop_too_long
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -18,7 +18,7 @@ Tasks:
 
 S3 comes from the Airflow connection `retrain_s3` (or `RETRAIN_S3_*`/`AWS_*` variables); the master key from the
 connection `retrain_backup_key` (password) or `RETRAIN_BACKUP_MASTER_KEY`. Task bodies are one call into
-`retrain.backup`; boto3 and cryptography are imported only when a task runs.
+`retrain.backup.operations`; boto3 and cryptography are imported only when a task runs.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _call(fn, *args, **kwargs) -> dict:
     burning retries. S3 being unreachable (BackupUnavailableError) or anything unexpected keeps the retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from retrain.backup import BackupError, BackupUnavailableError
+    from retrain.backup.operations import BackupError, BackupUnavailableError
 
     try:
         return fn(*args, **kwargs)
@@ -77,13 +77,13 @@ def _call(fn, *args, **kwargs) -> dict:
 def restore_backup():
     @task(execution_timeout=timedelta(minutes=5))
     def check_backup(params=None) -> dict:
-        from retrain.backup import describe_backup
+        from retrain.backup.operations import describe_backup
 
         return _call(describe_backup, params["backup_id"])
 
     @task
     def restore(checked: dict, params=None) -> dict:
-        from retrain.backup import restore_backup
+        from retrain.backup.operations import restore_backup
 
         return _call(restore_backup, checked["backup_id"], params["target_dir"] or None,
                      overwrite=params["overwrite"])

@@ -39,8 +39,8 @@ from airflow.sdk import Param, chain, dag, task
 
 from retrain.dagspec import use_case_specs
 from retrain.notify import default_notifiers
-from retrain.runs import failure_recorder
-from retrain.train.openai_operator import OpenAIFineTuneOperator
+from retrain.registry.runs import failure_recorder
+from retrain.train.openai.operator import OpenAIFineTuneOperator
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -124,31 +124,31 @@ def build_dag(spec: dict):
     def retrain():
         @task(execution_timeout=timedelta(minutes=5))
         def prepare_run(params=None, run_id=None) -> dict:
-            from retrain.pipeline import prepare_run
+            from retrain.stages import prepare_run
 
             return prepare_run(use_case, run_id, dict(params))
 
         @task
         def collect_examples(run: dict) -> dict:
-            from retrain.pipeline import collect
+            from retrain.stages import collect
 
             return collect(run["run_dir"])
 
         @task
         def build_dataset(run: dict) -> dict:
-            from retrain.pipeline import build
+            from retrain.stages import build
 
             return build(run["run_dir"])
 
         @task(retries=0)  # a failed expectation is a data problem: retrying cannot fix it
         def validate_dataset(run: dict) -> dict:
-            from retrain.pipeline import validate
+            from retrain.stages import validate
 
             return validate(run["run_dir"])
 
         @task(execution_timeout=timedelta(minutes=5))
         def report_dataset(run: dict) -> dict:
-            from retrain.pipeline import summarize
+            from retrain.stages import summarize
 
             return summarize(run["run_dir"])
 
@@ -179,32 +179,32 @@ def build_dag(spec: dict):
         # argument would make prepare_run an upstream, and its success would satisfy the trigger rule on dry runs.
         @task(trigger_rule="none_failed_min_one_success", execution_timeout=timedelta(minutes=5))
         def register_candidate(ti=None) -> dict:
-            from retrain.pipeline import register_candidate
+            from retrain.stages import register_candidate
 
             return register_candidate(ti.xcom_pull(task_ids="prepare_run")["run_dir"])
 
         @task(execution_timeout=timedelta(hours=3))
         def evaluate_candidate(run: dict) -> dict:
-            from retrain.pipeline import evaluate
+            from retrain.stages import evaluate
 
             return evaluate(run["run_dir"])
 
         @task.branch(execution_timeout=timedelta(minutes=10))
         def decide(run: dict) -> str:
             """GO deploys, NO-GO rejects; both are successful runs (a NO-GO is a decision, not a failure)."""
-            from retrain.pipeline import decide
+            from retrain.stages import decide
 
             return "deploy_model" if decide(run["run_dir"])["decision"] == "GO" else "reject_candidate"
 
         @task(execution_timeout=timedelta(minutes=30))
         def deploy_model(run: dict, dag_run=None) -> dict:
-            from retrain.pipeline import deploy_candidate
+            from retrain.stages import deploy_candidate
 
             return deploy_candidate(run["run_dir"], actor=f"airflow:{dag_run.dag_id}")
 
         @task(execution_timeout=timedelta(minutes=5))
         def reject_candidate(run: dict, dag_run=None) -> dict:
-            from retrain.pipeline import reject_candidate
+            from retrain.stages import reject_candidate
 
             return reject_candidate(run["run_dir"], actor=f"airflow:{dag_run.dag_id}")
 
@@ -212,26 +212,26 @@ def build_dag(spec: dict):
         # the gate. Same XCom pull as register_candidate: skipped on dry runs, where the dataset must stay local.
         @task(trigger_rule="none_failed_min_one_success", execution_timeout=timedelta(hours=2))
         def backup_to_s3(ti=None) -> dict:
-            from retrain.pipeline import backup
+            from retrain.stages import backup
 
             return backup(ti.xcom_pull(task_ids="prepare_run")["run_dir"])
 
         @task(execution_timeout=timedelta(hours=1))
         def verify_backup(run: dict) -> dict:
             """The restore drill: nothing local is deleted unless the uploaded backup decrypts and hashes right."""
-            from retrain.pipeline import verify_backup
+            from retrain.stages import verify_backup
 
             return verify_backup(run["run_dir"])
 
         @task(execution_timeout=timedelta(minutes=30))
         def prune_backups(run: dict) -> dict:
-            from retrain.pipeline import prune_backups
+            from retrain.stages import prune_backups
 
             return prune_backups(run["run_dir"])
 
         @task(execution_timeout=timedelta(minutes=10))
         def cleanup(run: dict) -> dict:
-            from retrain.pipeline import cleanup
+            from retrain.stages import cleanup
 
             return cleanup(run["run_dir"])
 

@@ -46,7 +46,7 @@ _use_case_schema = {"enum": _USE_CASES} if _USE_CASES else {}
                           **_use_case_schema),
         "to_version": Param(None, type=["null", "integer"], minimum=1,
                             description="registry version to restore; empty = the previous production version"),
-        # minLength = retrain.deploy.MIN_REASON_CHARS (a literal here: the DAG file imports nothing at parse time)
+        # minLength = retrain.registry.deploy.MIN_REASON_CHARS (a literal here: the DAG file imports nothing at parse time)
         "reason": Param(type="string", minLength=10, maxLength=500,
                         description="why (recorded in the registry history; at least 10 characters)"),
     },
@@ -57,9 +57,9 @@ def rollback_model():
     def rollback(params=None, dag_run=None, run_id=None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from retrain.config import ConfigError
-        from retrain.deploy import run_rollback
-        from retrain.registry import RegistryError
+        from retrain.schemas.use_case import ConfigError
+        from retrain.registry.deploy import run_rollback
+        from retrain.registry.store import RegistryError
 
         actor = getattr(dag_run, "triggering_user_name", None) or "airflow"
         try:

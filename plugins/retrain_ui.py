@@ -80,7 +80,8 @@ def _login_redirect(request: Request) -> RedirectResponse | JSONResponse:
 
 
 def _use_cases() -> list[dict]:
-    from retrain.config import load_use_case_file, use_cases_dir
+    from retrain.schemas.use_case import load_use_case_file
+    from retrain.settings import use_cases_dir
 
     out = []
     for path in sorted(use_cases_dir().glob("*.yaml")):
@@ -125,7 +126,7 @@ def _iso(ts) -> str | None:
 
 def _file_link(run_dir: str | Path | None, *parts: str) -> str | None:
     """URL of a file of a run directory if it exists and lies under $RETRAIN_HOME/runs."""
-    from retrain.config import runs_dir
+    from retrain.settings import runs_dir
 
     if not run_dir:
         return None
@@ -137,11 +138,11 @@ def _file_link(run_dir: str | Path | None, *parts: str) -> str | None:
 
 
 def _reports(use_case: str, run_id: str | None, run_dir: str | None) -> dict[str, str]:
-    from retrain.config import run_dir_for
+    from retrain.rundir import RunDir
 
     if not run_id and not run_dir:
         return {}
-    base = run_dir or run_dir_for(use_case, run_id)
+    base = run_dir or RunDir.for_run(use_case, run_id).path
     links = {
         "report": _file_link(base, "evaluation", "report.html"),
         "report (md)": _file_link(base, "evaluation", "report.md"),
@@ -153,7 +154,8 @@ def _reports(use_case: str, run_id: str | None, run_dir: str | None) -> dict[str
 
 def overview(use_case: str | None = None) -> dict:
     """Everything the page shows, as a JSON-able dict (also served at /retrain/api/overview)."""
-    from retrain import db, runs
+    from retrain import db
+    from retrain.registry import runs
 
     use_cases = [u for u in _use_cases() if use_case is None or u["name"] == use_case]
     data: dict[str, Any] = {
@@ -198,7 +200,7 @@ def overview(use_case: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Rendering helpers (used by the template)
 
-# Shown first, in this order, when present (names from retrain.metrics.compare); the rest follow alphabetically.
+# Shown first, in this order, when present (names from retrain.evaluate.metrics.compare); the rest follow alphabetically.
 _SCORE_KEYS = ("primary_score", "score", "json_validity", "schema_validity", "entity_f1", "exact_match",
                "latency_p95", "train_loss", "eval_loss")
 
@@ -475,7 +477,7 @@ async def api_overview(request: Request, use_case: str | None = None):
 async def run_file(request: Request, rel_path: str):
     if not await _authenticated(request):
         return _login_redirect(request)
-    from retrain.config import runs_dir
+    from retrain.settings import runs_dir
 
     root = runs_dir().resolve()
     # resolve() follows symlinks and '..': whatever the request says, the file must end up under runs/.

@@ -132,7 +132,7 @@ def states(dag_run) -> dict[str, str]:
 
 
 def registry_rows(db_conn, use_case: str = "product_intent") -> list[dict]:
-    from retrain import registry
+    from retrain.registry import store as registry
 
     db_conn.rollback()  # a fresh snapshot: the DAG committed through its own connections
     return registry.versions(db_conn, use_case)
@@ -190,7 +190,7 @@ def run_no_go_month(db_conn, dag, conf: dict, task_log) -> tuple[dict, dict]:
     Returns (evaluation/models.json, registry rows by version)."""
     import json
 
-    from retrain.config import run_dir_for
+    from retrain.rundir import RunDir
 
     task_log.clear()
     run = dag.test(run_conf=conf)
@@ -198,7 +198,7 @@ def run_no_go_month(db_conn, dag, conf: dict, task_log) -> tuple[dict, dict]:
     st = states(run)
     assert st["reject_candidate"] == "success" and st["deploy_model"] == "skipped", out[-6000:]
     assert st["cleanup"] == "success" and str(run.state).endswith("success")
-    run_dir = run_dir_for(dag.dag_id.removeprefix("retrain_"), run.run_id)
+    run_dir = RunDir.for_run(dag.dag_id.removeprefix("retrain_"), run.run_id).path
     models = json.loads((run_dir / "evaluation" / "models.json").read_text())
     assert models["baseline"]["baseline_kind"] == "production"
     decision = json.loads((run_dir / "decision.json").read_text())

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from retrain import backup
-from retrain.config import load_use_case
-from retrain.synthetic import generate_rows
+from retrain.backup import operations as backup
+from retrain.schemas.use_case import load_use_case
+from retrain.data.synthetic import generate_rows
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_A = base64.b64encode(bytes(range(32))).decode()
@@ -521,7 +521,7 @@ def test_cleanup_needs_a_drill_of_this_runs_backup_still_in_the_bucket(s3env, ru
 
 
 def test_cleanup_files_are_configurable(s3env, run_dir, monkeypatch):
-    from retrain.config import ConfigError, parse_use_case
+    from retrain.schemas.use_case import ConfigError, parse_use_case
 
     make_run(run_dir, big_mb=1, run_id="manual__c")
     backup.backup_to_s3(run_dir)
@@ -588,8 +588,8 @@ def test_no_key_material_in_logs_or_task_results(s3env, run_dir, tmp_path, monke
         monkeypatch.setenv("RETRAIN_BACKUP_KMS_KEY_ID", s3.kms_client().create_key()["KeyMetadata"]["KeyId"])
     make_run(run_dir, big_mb=1, rows=60, run_id=f"keys-{method}")
     caplog.set_level(logging.DEBUG)
-    results = [pipeline.backup(run_dir), pipeline.verify_backup(run_dir), pipeline.prune_backups(run_dir),
-               pipeline.cleanup(run_dir)]
+    results = [stages.backup(run_dir), stages.verify_backup(run_dir), stages.prune_backups(run_dir),
+               stages.cleanup(run_dir)]
     bid = results[0]["backup_id"]
     results += [backup.describe_backup(bid), backup.restore_backup(bid, tmp_path / "r"),
                 backup.list_backups("product_intent")]
@@ -647,8 +647,8 @@ def test_monthly_dag_ends_with_a_drilled_backup_that_restore_backup_restores(air
     from airflow.dag_processing.dagbag import DagBag
 
     from fake_openai import FakeOpenAI
-    from retrain.config import run_dir_for
-    from retrain.synthetic import seed_examples
+    from retrain.rundir import RunDir
+    from retrain.data.synthetic import seed_examples
 
     fake = FakeOpenAI(polls_per_state=1)
     base_url, stop = fake.start()
@@ -667,7 +667,7 @@ def test_monthly_dag_ends_with_a_drilled_backup_that_restore_backup_restores(air
                                "verify_backup", "prune_backups", "cleanup")} == dict.fromkeys(
         ["train_openai", "register_candidate", "evaluate_candidate", "backup_to_s3", "verify_backup",
          "prune_backups", "cleanup"], "success"), st
-    run_dir = run_dir_for("product_intent", run.run_id)
+    run_dir = RunDir.for_run("product_intent", run.run_id).path
     receipt = json.loads((run_dir / backup.RECEIPT_NAME).read_text())
     assert receipt["drill"]["sha256"] == receipt["ciphertext_sha256"]
     assert not (run_dir / "batch.jsonl").exists()  # cleanup ran, after the drill

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 from psycopg2.extras import Json
 
-from retrain.collect import collect_examples, input_hash, pick_label, split_for
+from retrain.data.collect import collect_examples, input_hash, pick_label, split_for
 
 T0 = datetime(2026, 10, 1, tzinfo=timezone.utc)
 
@@ -112,9 +112,9 @@ def test_empty_table_collects_nothing_without_error(db_conn, tmp_path):
 
 
 def test_parallel_scrubbing_writes_the_same_file_as_serial(db_conn, tmp_path, monkeypatch):
-    from retrain import collect
-    from retrain.config import load_use_case
-    from retrain.synthetic import seed_examples
+    from retrain.data import collect
+    from retrain.schemas.use_case import load_use_case
+    from retrain.data.synthetic import seed_examples
 
     seed_examples(db_conn, load_use_case("product_intent"), 3000, seed=4)
     serial = collect_examples(db_conn, "product_intent", "serial", tmp_path / "serial.jsonl")

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from retrain.config import (
+from retrain.schemas.use_case import (
     ConfigError,
     apply_params,
     list_use_cases,

@@ -129,7 +129,7 @@ def test_broken_use_case_file_fails_in_first_task_not_at_parse(tmp_path):
     assert f"{expected} {{}}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     os.environ["RETRAIN_USE_CASES_DIR"] = str(tmp_path)
     try:
-        from retrain.config import ConfigError, load_use_case
+        from retrain.schemas.use_case import ConfigError, load_use_case
 
         with pytest.raises(ConfigError, match="not valid YAML"):
             load_use_case("broken_case")

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import states
-from retrain.config import load_use_case, run_dir_for
-from retrain.synthetic import seed_examples
+from retrain.schemas.use_case import load_use_case
+from retrain.rundir import RunDir
+from retrain.data.synthetic import seed_examples
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_monthly_dag_validates_then_rejects_a_dirty_batch(db_conn, dagbag):
     # dry_run stops before training: everything after the branch is skipped, and the run still succeeds.
     assert {st1[t] for t in ("train_qlora", "train_openai", "register_candidate", "decide")} == {"skipped"}
     assert str(run1.state).endswith("success")
-    run_dir = run_dir_for("product_intent", run1.run_id)
+    run_dir = RunDir.for_run("product_intent", run1.run_id).path
     manifest = json.loads((run_dir / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["train"] > counts["val"] > 0 and counts["test"] > 0
@@ -58,17 +59,17 @@ def test_monthly_dag_validates_then_rejects_a_dirty_batch(db_conn, dagbag):
     run2 = dag.test(run_conf={"dry_run": True})
     st = states(run2)
     assert st["validate_dataset"] == "failed" and st["report_dataset"] == "upstream_failed"
-    summary = json.loads((run_dir_for("product_intent", run2.run_id) / "validation.json").read_text())
+    summary = json.loads((RunDir.for_run("product_intent", run2.run_id).path / "validation.json").read_text())
     failed = " ".join(summary_item for summary_item in _failed_names(summary))
     assert "batch: expect_column_values_to_be_in_set(intent_type)" in failed
     # The frozen test set of month 1 is still entirely inside month 2's test set.
     test1 = (run_dir / "test.jsonl").read_text().splitlines()
-    test2 = set((run_dir_for("product_intent", run2.run_id) / "test.jsonl").read_text().splitlines())
+    test2 = set((RunDir.for_run("product_intent", run2.run_id).path / "test.jsonl").read_text().splitlines())
     assert all(line in test2 for line in test1)
 
 
 def _planted(uc, n, seed):
-    from retrain.synthetic import generate_rows
+    from retrain.data.synthetic import generate_rows
 
     return [r["pii"] for r in generate_rows(uc, n, seed=seed, dirty=0.01)]
 
@@ -107,21 +108,21 @@ def test_cli_errors_are_messages_not_tracebacks(db_conn, tmp_path):
 
 
 def test_empty_table_fails_validation_with_a_clear_message(db_conn, tmp_path):
-    from retrain import pipeline
-    from retrain.validate import DataValidationError
+    from retrain import stages
+    from retrain.data.validate import DataValidationError
 
-    run = pipeline.prepare_run("hr_leave", "empty-1", {})
-    assert pipeline.collect(run["run_dir"])["rows"] == 0
-    pipeline.build(run["run_dir"])
+    run = stages.prepare_run("hr_leave", "empty-1", {})
+    assert stages.collect(run["run_dir"])["rows"] == 0
+    stages.build(run["run_dir"])
     with pytest.raises(DataValidationError) as exc:
-        pipeline.validate(run["run_dir"])
+        stages.validate(run["run_dir"])
     assert "expect_table_row_count_to_be_between" in str(exc.value)
 
 
 def test_sql_injection_and_huge_inputs_pass_through_safely(db_conn):
     from psycopg2.extras import Json
 
-    from retrain import pipeline
+    from retrain import stages
 
     uc = load_use_case("product_intent")
     seed_examples(db_conn, uc, 300, seed=5, dirty=0.0)
@@ -132,11 +133,11 @@ def test_sql_injection_and_huge_inputs_pass_through_safely(db_conn):
             cur.execute("INSERT INTO production_examples (use_case, input, model_output, feedback) "
                         "VALUES ('product_intent', %s, %s, 'accepted')", (text, Json(label)))
     db_conn.commit()
-    run = pipeline.prepare_run("product_intent", "inject-1", {})
-    pipeline.collect(run["run_dir"])
-    built = pipeline.build(run["run_dir"])
+    run = stages.prepare_run("product_intent", "inject-1", {})
+    stages.collect(run["run_dir"])
+    built = stages.build(run["run_dir"])
     assert built["rejected_reasons"].get("input_too_long") == 1 and built["rejected_reasons"].get("empty_input") == 1
-    assert pipeline.validate(run["run_dir"])["success"]
+    assert stages.validate(run["run_dir"])["success"]
     lines = Path(run["run_dir"], "train.jsonl").read_text() + Path(run["run_dir"], "test.jsonl").read_text() + \
         Path(run["run_dir"], "val.jsonl").read_text()
     assert "DROP TABLE production_examples" in lines

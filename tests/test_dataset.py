@@ -8,9 +8,9 @@ import json
 import jsonschema
 import pytest
 
-from retrain.collect import input_hash, split_for
-from retrain.config import load_use_case
-from retrain.dataset import DatasetError, build_dataset, check_example
+from retrain.data.collect import input_hash, split_for
+from retrain.schemas.use_case import load_use_case
+from retrain.data.dataset import DatasetError, build_dataset, check_example
 
 UC = load_use_case("product_intent")
 

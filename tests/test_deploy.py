@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from retrain import deploy, registry
-from retrain.config import load_use_case
-from retrain.deploy import DeployError
+from retrain.registry import deploy
+
+from retrain.registry import store as registry
+from retrain.schemas.use_case import load_use_case
+from retrain.registry.deploy import DeployError
 
 UC = "product_intent"
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +119,7 @@ def test_deploy_promotes_and_publishes_and_a_retry_is_a_no_op(conn, tmp_path):
     retry = deploy.deploy(conn, use_case=UC, version=v2, actor="gate", reason="GO month2", run_id="r2")
     assert retry["changed"] is False and retry["applied"]["switched"] is False and retry["applied"]["copied"] is False
     # The baseline of the next run is the published copy, not the training run directory.
-    spec = registry.baseline_spec(conn, load_use_case(UC))
+    spec = deploy.baseline_spec(conn, load_use_case(UC))
     assert spec["path"] == str(deploy.version_dir(UC, 2)) and spec["baseline_kind"] == "production"
 
 
@@ -236,7 +238,7 @@ def test_rollback_dag_moves_production_back(conn, tmp_path, dagbag):
 
 
 def test_run_rollback_checks_its_inputs_before_touching_anything(conn, tmp_path):
-    from retrain.config import ConfigError
+    from retrain.schemas.use_case import ConfigError
 
     for name in ("month1", "month2"):
         deploy.deploy(conn, use_case=UC, version=_train(conn, tmp_path, name), actor="gate", reason="GO")

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from retrain.config import apply_params, load_use_case, parse_run_params
-from retrain.gate import decide, decision_text, write_decision
-from retrain.metrics import compare, score_predictions
+from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.evaluate.gate import decide, decision_text
+from retrain.evaluate.report import write_decision
+from retrain.evaluate.metrics import compare, score_predictions
 
 GOLD = {"intent_type": "GIFT", "budget_tier": "premium", "category": "home", "recipient": "boss",
         "context_tags": ["gift"], "priority_features": ["thoughtful"]}
@@ -175,7 +176,7 @@ def test_bad_arguments_are_explained():
     uc = load_use_case("product_intent")
     with pytest.raises(ValueError, match="baseline_kind"):
         decide(uc, {"metrics": {}}, baseline_kind="prod")
-    with pytest.raises(ValueError, match="retrain.metrics.compare"):
+    with pytest.raises(ValueError, match="retrain.evaluate.metrics.compare"):
         decide(uc, {"metrics": {}}, baseline_kind="production")
 
 
@@ -193,8 +194,8 @@ def test_write_decision_and_text(tmp_path):
 
 
 def test_decide_run_reads_metrics_and_writes_decision_and_report(tmp_path):
-    from retrain.gate import decide_run
-    from retrain.metrics import write_metrics
+    from retrain.evaluate.report import decide_run
+    from retrain.evaluate.metrics import write_metrics
 
     uc = load_use_case("product_intent")
     golds = [GOLD] * N

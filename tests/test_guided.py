@@ -1,4 +1,4 @@
-"""Schema-guided decoding (retrain.guided): the character cursor, the logits processor driven step by step, and
+"""Schema-guided decoding (retrain.evaluate.guided): the character cursor, the logits processor driven step by step, and
 the engine with the real SmolLM2 model (batched == one by one with the guide on, every closed answer valid)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 import jsonschema
 import pytest
 
-from retrain.config import load_use_case
-from retrain.guided import SchemaCursor, schema_guard_class
-from retrain.synthetic import generate_rows
+from retrain.schemas.use_case import load_use_case
+from retrain.evaluate.guided import SchemaCursor, schema_guard_class
+from retrain.data.synthetic import generate_rows
 
 USE_CASES = ("product_intent", "email_intel", "hr_leave")
 PI = load_use_case("product_intent").output_schema
@@ -178,7 +178,7 @@ JSON_PROMPT = ("Reply with only a JSON object with keys intent_type (GIFT, PERSO
 
 
 def test_guided_engine_on_real_smollm2_batched_equals_one_by_one_and_answers_follow_the_schema():
-    from retrain.inference import make_engine
+    from retrain.evaluate.inference import make_engine
 
     uc = load_use_case("product_intent")
     rows = list(generate_rows(uc, 8, seed=21, dirty=0))[:5]

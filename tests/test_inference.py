@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from retrain.config import load_use_case
-from retrain.inference import (
+from retrain.schemas.use_case import load_use_case
+from retrain.evaluate.inference import (
     MAX_NEW_TOKENS,
     MIN_NEW_TOKENS,
     InferenceError,
@@ -29,7 +29,7 @@ from retrain.inference import (
     predict,
     prompt_messages,
 )
-from retrain.synthetic import generate_rows
+from retrain.data.synthetic import generate_rows
 
 USE_CASES = ("product_intent", "email_intel", "hr_leave")
 
@@ -52,7 +52,7 @@ def conversations(uc_name: str, n: int, seed: int = 3, with_label: bool = True) 
 
 @pytest.fixture(scope="session")
 def smol_path() -> str:
-    from retrain.models import resolve_base_model
+    from retrain.evaluate.models import resolve_base_model
 
     return resolve_base_model("smollm2-135m-instruct")
 
@@ -117,7 +117,7 @@ def test_max_new_tokens_covers_the_longest_real_answer(name, smol_tokenizer):
 
 
 def test_max_new_tokens_follows_the_schema_and_is_clamped():
-    from retrain.config import UseCase
+    from retrain.schemas.use_case import UseCase
 
     def uc_with(schema):
         return UseCase.model_validate({
@@ -175,7 +175,7 @@ def test_stop_criterion_stops_each_sequence_where_its_object_closes(smol_tokeniz
     """Drive the stopping criterion the way generate does: one new column per step, rows finishing apart."""
     import torch
 
-    from retrain.inference import _json_stop_class
+    from retrain.evaluate.inference import _json_stop_class
 
     tok = smol_tokenizer
     texts = ['{"intent_type": "GIFT", "tags": ["a}", "b"]}\n\nMore text', 'Sure! {"x": {"y": 1}} {"z": 2}',
@@ -246,7 +246,7 @@ def test_hf_batched_equals_one_by_one_greedy(tiny_model_dir):
 
 
 def test_shared_prefix_len():
-    from retrain.inference import shared_prefix_len
+    from retrain.evaluate.inference import shared_prefix_len
 
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each prompt keeps a token of its own
@@ -304,7 +304,7 @@ def test_predict_hf_reports_throughput_and_latency(tiny_model_dir):
 
 
 def test_predict_guides_local_models_by_the_output_schema_unless_the_use_case_says_no(tiny_model_dir, monkeypatch):
-    import retrain.inference as inference
+    import retrain.evaluate.inference as inference
 
     seen = []
     real = inference.make_engine
@@ -443,7 +443,7 @@ def test_openai_engine_backs_off_on_429_and_5xx_and_records_failures(chat_server
                           "backoff_base_s": 0.01}, concurrency=3)
     convs = [user_conv("RATE429 a"), user_conv("FAIL500 b"), user_conv("plain c"), user_conv("ALWAYS429 d"),
              user_conv("BAD400 e")]
-    with caplog.at_level(logging.DEBUG, logger="retrain.inference"):
+    with caplog.at_level(logging.DEBUG, logger="retrain.evaluate.inference"):
         results = engine.generate(convs, max_new_tokens=50)
     ok, err = [r for r in results[:3]], results[3:]
     assert [r["error"] for r in ok] == [None, None, None]

@@ -8,8 +8,8 @@ import math
 import pytest
 from scipy import stats
 
-from retrain.config import load_use_case
-from retrain.metrics import (
+from retrain.schemas.use_case import load_use_case
+from retrain.evaluate.metrics import (
     compare,
     load_test_set,
     mcnemar,

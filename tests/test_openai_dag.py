@@ -23,9 +23,10 @@ import pytest
 
 from conftest import registry_rows, run_no_go_month, states
 from fake_openai import FakeOpenAI
-from retrain.config import load_use_case, run_dir_for
-from retrain.deploy import use_case_models_dir
-from retrain.synthetic import generate_rows, seed_examples
+from retrain.schemas.use_case import load_use_case
+from retrain.rundir import RunDir
+from retrain.registry.deploy import use_case_models_dir
+from retrain.data.synthetic import generate_rows, seed_examples
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_openai_backend_runs_end_to_end_through_the_deferral(db_conn, dagbag, fa
     assert {t: st[t] for t in ALL_TASKS} == dict.fromkeys(ALL_TASKS, "success"), out[-5000:]
     assert st["train_qlora"] == "skipped" and st["reject_candidate"] == "skipped"
     assert str(run.state).endswith("success")
-    run_dir = run_dir_for("product_intent", run.run_id)
+    run_dir = RunDir.for_run("product_intent", run.run_id).path
 
     # upload -> job -> deferral -> model id
     (job,) = fake.jobs.values()
@@ -149,7 +150,7 @@ def test_cost_gate_refuses_an_oversized_run_before_anything_is_uploaded(db_conn,
     assert st["validate_dataset"] == "success" and st["train_openai"] == "failed", out[-5000:]
     assert {st[t] for t in ("register_candidate", "evaluate_candidate", "decide", "backup_to_s3")} == \
         {"upstream_failed"}
-    report = json.loads((run_dir_for("product_intent", run.run_id) / "candidate" /
+    report = json.loads((RunDir.for_run("product_intent", run.run_id).path / "candidate" /
                          "openai_format_check.json").read_text())
     estimate = report["estimate"]["estimated_usd"]
     assert estimate > 0.0001
@@ -184,7 +185,7 @@ def test_killing_the_deferred_task_of_the_real_dag_cancels_the_job(dagbag, fake,
         with pytest.raises(TaskDeferred) as exc:
             op.execute({})
         path, kwargs = exc.value.trigger.serialize()
-        assert path == "retrain.train.openai_trigger.OpenAIFineTuneTrigger" and "key" not in json.dumps(kwargs)
+        assert path == "retrain.train.openai.trigger.OpenAIFineTuneTrigger" and "key" not in json.dumps(kwargs)
         return exc.value.trigger.__class__(**kwargs)
 
     async def run_then_cancel(trigger, trigger_id: int, message: str | None) -> None:

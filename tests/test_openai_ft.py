@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from fake_openai import FakeOpenAI
-from retrain.config import RunParams, load_use_case
-from retrain.scrub import scrub_text
-from retrain.synthetic import generate_rows
-from retrain.train import openai_ft
-from retrain.train.openai_ft import (
+from retrain.schemas.use_case import RunParams, load_use_case
+from retrain.data.scrub import scrub_text
+from retrain.data.synthetic import generate_rows
+from retrain.train.openai import job as openai_ft
+from retrain.train.openai.job import (
     CostLimitExceeded,
     FineTuneJobFailed,
     FormatCheckError,
@@ -72,7 +72,7 @@ def make_run(root: Path, *, n: int = 60, params: dict | None = None, run_id: str
 
 
 def trigger_for(job_id: str, **kw):
-    from retrain.train.openai_trigger import OpenAIFineTuneTrigger
+    from retrain.train.openai.trigger import OpenAIFineTuneTrigger
 
     return OpenAIFineTuneTrigger(job_id=job_id, conn_id=None, poll_interval=0.01, max_backoff=0.05, **kw)
 
@@ -329,7 +329,7 @@ def test_rebuilt_dataset_cancels_the_stale_job(fake, tmp_path):
 def test_operator_maps_outcomes_to_task_failures(fake, tmp_path):
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    from retrain.train.openai_operator import OpenAIFineTuneOperator
+    from retrain.train.openai.operator import OpenAIFineTuneOperator
 
     run_dir = make_run(tmp_path)
     op = OpenAIFineTuneOperator(task_id="train_openai", run_dir=str(run_dir), max_cost_usd="0.0001")
@@ -346,7 +346,7 @@ def test_operator_maps_outcomes_to_task_failures(fake, tmp_path):
 
 
 def test_operator_on_kill_cancels_the_job(fake, tmp_path):
-    from retrain.train.openai_operator import OpenAIFineTuneOperator
+    from retrain.train.openai.operator import OpenAIFineTuneOperator
 
     run_dir = make_run(tmp_path)
     job = prepare_openai_job(run_dir)
@@ -384,11 +384,11 @@ def test_trigger_deadline_cancels_the_job_and_says_so(fake, tmp_path):
 
 
 def test_trigger_serializes_without_secrets():
-    from retrain.train.openai_trigger import OpenAIFineTuneTrigger
+    from retrain.train.openai.trigger import OpenAIFineTuneTrigger
 
     trig = OpenAIFineTuneTrigger(job_id="ftjob-1", poll_interval=5, deadline=123.0)
     path, kwargs = trig.serialize()
-    assert path == "retrain.train.openai_trigger.OpenAIFineTuneTrigger"
+    assert path == "retrain.train.openai.trigger.OpenAIFineTuneTrigger"
     rebuilt = OpenAIFineTuneTrigger(**kwargs)
     assert rebuilt.serialize() == (path, kwargs) and kwargs["conn_id"] == "openai_default"
     assert not any("key" in k for k in kwargs)
@@ -417,13 +417,13 @@ def test_rejected_polling_reports_an_error_event(fake, tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_uploaded_bytes_hold_none_of_the_planted_personal_data(fake, db_conn):
-    from retrain import pipeline
-    from retrain.synthetic import seed_examples
+    from retrain import stages
+    from retrain.data.synthetic import seed_examples
 
     seed_examples(db_conn, UC, 400, seed=31, dirty=0.02)
-    run = pipeline.prepare_run("product_intent", "pii-upload-1", {})
-    pipeline.collect(run["run_dir"])
-    pipeline.build(run["run_dir"])
+    run = stages.prepare_run("product_intent", "pii-upload-1", {})
+    stages.collect(run["run_dir"])
+    stages.build(run["run_dir"])
     prepare_openai_job(run["run_dir"])
     sent = fake.uploaded_bytes().decode("utf-8")
     planted = {p for r in generate_rows(UC, 400, seed=31, dirty=0.02) for p in r["pii"]}
@@ -454,7 +454,7 @@ def _register(dag) -> None:
 def test_dag_with_openai_operator_runs_through_the_deferral(airflow_db, fake, tmp_path, monkeypatch, capsys):
     from airflow.sdk import DAG
 
-    from retrain.train.openai_operator import OpenAIFineTuneOperator
+    from retrain.train.openai.operator import OpenAIFineTuneOperator
 
     # Credentials from the Airflow connection this time (password = key, extra base_url), not the environment.
     monkeypatch.setenv("AIRFLOW_CONN_OPENAI_DEFAULT", json.dumps(

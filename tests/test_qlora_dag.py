@@ -20,9 +20,10 @@ import json
 import pytest
 
 from conftest import registry_rows, run_no_go_month, states
-from retrain.config import load_use_case, run_dir_for
-from retrain.deploy import use_case_models_dir
-from retrain.synthetic import seed_examples
+from retrain.schemas.use_case import load_use_case
+from retrain.rundir import RunDir
+from retrain.registry.deploy import use_case_models_dir
+from retrain.data.synthetic import seed_examples
 
 pytestmark = pytest.mark.integration
 UC = load_use_case("product_intent")
@@ -48,7 +49,7 @@ def test_real_smollm2_month_1_goes_and_month_2_on_the_same_data_does_not(db_conn
     st = states(run)
     assert {t: st[t] for t in MONTH_1_TASKS} == dict.fromkeys(MONTH_1_TASKS, "success"), out[-6000:]
     assert st["train_openai"] == "skipped" and st["reject_candidate"] == "skipped"
-    run_dir = run_dir_for("product_intent", run.run_id)
+    run_dir = RunDir.for_run("product_intent", run.run_id).path
 
     # Training: the real model, 4-bit base, float32 compute, progress streamed into the task log, loss falling.
     result = json.loads((run_dir / "candidate" / "train_result.json").read_text())

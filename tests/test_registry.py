@@ -6,9 +6,10 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from retrain import registry
-from retrain.config import apply_params, load_use_case, parse_run_params
-from retrain.registry import RegistryError
+from retrain.registry import deploy
+from retrain.registry import store as registry
+from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.registry.store import RegistryError
 
 UC = "product_intent"
 
@@ -198,11 +199,11 @@ def test_a_retried_rollback_task_does_not_step_back_twice(conn):
 def test_baseline_is_the_base_model_on_a_first_run_then_the_production_model(conn, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRAIN_HOME", str(tmp_path / "home"))
     uc = load_use_case(UC)
-    first = registry.baseline_spec(conn, uc)
+    first = deploy.baseline_spec(conn, uc)
     assert first == {"kind": "hf", "path": uc.training.base_model, "label": "baseline", "baseline_kind": "base_model",
                      "version": None, "base_model": uc.training.base_model}
     uc_openai = apply_params(uc, parse_run_params({"backend": "openai"}))
-    assert registry.baseline_spec(conn, uc_openai) | {"base_url": None} == {
+    assert deploy.baseline_spec(conn, uc_openai) | {"base_url": None} == {
         "kind": "openai", "model": uc.training.openai_base_model, "base_url": None, "label": "baseline",
         "baseline_kind": "base_model", "version": None, "base_model": uc.training.openai_base_model}
 
@@ -211,13 +212,13 @@ def test_baseline_is_the_base_model_on_a_first_run_then_the_production_model(con
     (merged / "config.json").write_text("{}")
     v = _register(conn, "run-1", artifact=str(merged))["version"]
     registry.promote(conn, use_case=UC, version=v, actor="gate", reason="GO")  # registry only: not published yet
-    spec = registry.baseline_spec(conn, uc)
+    spec = deploy.baseline_spec(conn, uc)
     assert (spec["kind"], spec["path"], spec["baseline_kind"], spec["version"]) == ("hf", str(merged), "production", 1)
 
     # An OpenAI fine-tune in production is the baseline even for a qlora run: compare against what serves.
     v2 = _register(conn, "run-2", backend="openai", artifact="ft:gpt-4o-mini-2024-07-18:acme::abc123")["version"]
     registry.promote(conn, use_case=UC, version=v2, actor="gate", reason="GO")
-    spec = registry.baseline_spec(conn, uc)
+    spec = deploy.baseline_spec(conn, uc)
     assert (spec["kind"], spec["model"], spec["version"]) == ("openai", "ft:gpt-4o-mini-2024-07-18:acme::abc123", 2)
 
 

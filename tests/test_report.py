@@ -6,10 +6,10 @@ import json
 import re
 from pathlib import Path
 
-from retrain.config import load_use_case
-from retrain.gate import decide
-from retrain.metrics import compare, score_predictions
-from retrain.report import decision_text, worst_errors, write_report
+from retrain.schemas.use_case import load_use_case
+from retrain.evaluate.gate import decide
+from retrain.evaluate.metrics import compare, score_predictions
+from retrain.evaluate.report import decision_text, worst_errors, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INTENTS = ["GIFT", "PERSONAL_USE", "BUSINESS", "COMPARISON", "URGENT"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from retrain import runs
+from retrain.registry import runs
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def _check(name, passed, reason, required=True):
 @pytest.mark.parametrize(
     ("decision", "expected"),
     [
-        # retrain.gate.decide's shape; the significance rule is informational here and must not read as a reason.
+        # retrain.evaluate.gate.decide's shape; the significance rule is informational here and must not read as a reason.
         ({"decision": "NO-GO", "failed": ["min_relative_improvement"], "summary": "NO-GO: ...", "checks": [
             _check("min_score", True, "intent_type accuracy 0.910 >= minimum 0.850"),
             _check("min_relative_improvement", False, "+2.0% relative to the production model < required +10.0%"),
@@ -162,9 +162,9 @@ def test_failure_recorder_as_on_failure_callback_of_a_real_run(conn, airflow_db)
 
 
 def test_timed_stage_records_a_prepared_run_even_when_the_stage_fails(conn):
-    from retrain import pipeline
+    from retrain import stages
 
-    run = pipeline.prepare_run("hr_leave", "timed-1", {})
+    run = stages.prepare_run("hr_leave", "timed-1", {})
     with runs.timed_stage(run["run_dir"], "collect_examples") as found:
         found["rows_collected"] = 17
     with pytest.raises(RuntimeError, match="boom"):

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from retrain.scrub import find_pii, scrub_text, scrub_value
+from retrain.data.scrub import find_pii, scrub_text, scrub_value
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta, timezone
 import jsonschema
 import pytest
 
-from retrain.config import load_use_case, parse_use_case
-from retrain.scrub import find_pii, scrub_text
-from retrain.synthetic import (
+from retrain.schemas.use_case import load_use_case, parse_use_case
+from retrain.data.scrub import find_pii, scrub_text
+from retrain.data.synthetic import (
     DIRTY_KINDS,
     SQL_INJECTION,
     generate_rows,
@@ -229,7 +229,7 @@ def test_dirty_rows_are_planted_at_the_requested_rate_and_are_really_broken(name
 
 
 def test_dirty_rows_are_rejected_by_the_dataset_contract():
-    from retrain.dataset import check_example
+    from retrain.data.dataset import check_example
 
     for name in USE_CASES:
         uc = load_use_case(name)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from retrain.config import apply_params, load_use_case, parse_run_params
-from retrain.train.config import TrainingSpecError, parse_spec, spec_for_run, spec_from_use_case
+from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.schemas.training import TrainingSpecError, parse_spec, spec_from_use_case
+from retrain.train.spec import spec_for_run
 
 UC = load_use_case("product_intent")
 CHATML = (
@@ -46,7 +47,7 @@ def _one_thread_for_tiny_models(request, monkeypatch):
 
 def _examples(n: int, seed: int) -> list[dict]:
     """Chat examples in the run-directory contract, from the synthetic product_intent traffic."""
-    from retrain.synthetic import generate_rows
+    from retrain.data.synthetic import generate_rows
 
     out = []
     for r in generate_rows(UC, n, seed=seed, dirty=0.0):
@@ -164,7 +165,7 @@ def test_spec_follows_the_use_case_and_overrides_in_order(tmp_path):
 
 
 def test_the_use_case_yaml_and_the_trigger_params_set_every_training_field():
-    from retrain.config import ConfigError, apply_params, parse_run_params, parse_use_case
+    from retrain.schemas.use_case import ConfigError, apply_params, parse_run_params, parse_use_case
 
     data = UC.model_dump(mode="json")
     data["training"].update({"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
@@ -205,7 +206,7 @@ def test_multi_process_command_uses_torchrun_through_accelerate(tmp_path, monkey
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("RETRAIN_TRAIN_PROCESSES", raising=False)
     cmd, n = trainer_command(tmp_path, None)
-    assert n == 1 and cmd[1:3] == ["-m", "retrain.train.qlora"]
+    assert n == 1 and cmd[1:3] == ["-m", "retrain.train.qlora.trainer"]
     monkeypatch.setenv("RETRAIN_TRAIN_PROCESSES", "2")
     cmd, n = trainer_command(tmp_path, {"max_steps": 3})
     assert n == 2 and cmd[1:3] == ["-m", "accelerate.commands.launch"]
@@ -222,7 +223,7 @@ def test_multi_process_command_uses_torchrun_through_accelerate(tmp_path, monkey
 def test_prompt_is_masked_and_only_the_assistant_json_is_trained(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from retrain.train import qlora
+    from retrain.train.qlora import trainer as qlora
 
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=30)
     rows = qlora.load_split(run_dir / "train.jsonl")
@@ -250,7 +251,7 @@ def test_prompt_is_masked_and_only_the_assistant_json_is_trained(tiny_model, tmp
 def test_examples_longer_than_max_length_are_dropped_not_truncated(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from retrain.train import qlora
+    from retrain.train.qlora import trainer as qlora
 
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=30)
     rows = qlora.load_split(run_dir / "train.jsonl")
@@ -271,7 +272,7 @@ def test_4bit_gradients_stay_correct_after_an_evaluation_pass(tiny_model):
     import torch
     from peft import get_peft_model
 
-    from retrain.train import qlora
+    from retrain.train.qlora import trainer as qlora
 
     spec = parse_spec({"adapter": "qlora", "lora_dropout": 0.0})
     x = torch.randint(5, 500, (2, 24))
@@ -300,7 +301,7 @@ def test_lora_top_layers_adapts_only_the_top_layers_and_backward_stops_below_the
     import torch
     from peft import get_peft_model
 
-    from retrain.train import qlora
+    from retrain.train.qlora import trainer as qlora
 
     spec = parse_spec({"adapter": "qlora", "lora_top_layers": 1})
     model = qlora.load_model(str(tiny_model), spec, cuda=False)
@@ -331,7 +332,7 @@ def test_label_token_weight_reweights_the_decision_tokens_in_the_training_loss_o
     import torch
     from transformers import AutoTokenizer
 
-    from retrain.train import qlora
+    from retrain.train.qlora import trainer as qlora
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     points = qlora.label_decision_points(tok, UC)
@@ -429,7 +430,7 @@ def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path,
     assert f'SYSTEM """{UC.system_prompt}"""' in modelfile
 
     # `retrain score` compares the base model and the candidate on the validation split (no gate, no writes).
-    from retrain.cli import main as cli_main
+    from retrain.cli.main import main as cli_main
 
     assert cli_main(["score", "--run-dir", str(run_dir), "--split", "val"]) == 0
     scored = json.loads(capsys.readouterr().out)
@@ -439,7 +440,7 @@ def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path,
         assert set(metrics_) >= {"primary_score", "exact_match", "json_validity"}
         assert all(0 <= v <= 1 for v in metrics_.values())
     # After cleanup the split files live only in the encrypted backup: the error says how to get them back.
-    from retrain.pipeline import score_split
+    from retrain.stages import score_split
 
     (run_dir / "val.jsonl").rename(tmp_path / "val.jsonl")
     (run_dir / "backup.json").write_text(json.dumps({"backup_id": "product_intent/run-1/abc"}))
@@ -472,7 +473,7 @@ def test_a_crashing_trainer_raises_with_its_stderr(tiny_model, tmp_path):
 
 def test_killed_trainer_resumes_from_the_newest_complete_checkpoint(tiny_model, tmp_path, caplog):
     from retrain.train.launch import TrainingFailed, train_qlora
-    from retrain.train.qlora import is_complete_checkpoint, latest_complete_checkpoint
+    from retrain.train.qlora.trainer import is_complete_checkpoint, latest_complete_checkpoint
 
     caplog.set_level(logging.INFO, logger=LAUNCH_LOGGER)
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model))
@@ -543,22 +544,22 @@ def test_two_process_data_parallel_lora_on_cpu(tiny_model, tmp_path, caplog, mon
 @pytest.mark.slow
 def test_real_smollm2_qlora_learns_product_intent(db_conn, caplog):
     """The Done-means check: real SmolLM2-135M-Instruct, QLoRA nf4 on the CPU, a pipeline-built dataset."""
-    from retrain import pipeline
-    from retrain.synthetic import seed_examples
+    from retrain import stages
+    from retrain.data.synthetic import seed_examples
     from retrain.train.launch import train_qlora
 
     caplog.set_level(logging.INFO, logger=LAUNCH_LOGGER)
     seed_examples(db_conn, UC, 600, seed=7, dirty=0.0)
-    run_dir = pipeline.prepare_run("product_intent", "manual__smollm2_qlora", {})["run_dir"]
-    pipeline.collect(run_dir)
-    pipeline.build(run_dir)
+    run_dir = stages.prepare_run("product_intent", "manual__smollm2_qlora", {})["run_dir"]
+    stages.collect(run_dir)
+    stages.build(run_dir)
 
     overrides = json.loads(os.environ.get("RETRAIN_SLOW_TRAIN_OVERRIDES", "{}")) or {
         "max_steps": 60, "eval_steps": 20, "save_steps": 20, "learning_rate": 1e-3,
     }
     result = train_qlora(run_dir, extra_overrides=overrides)
     # Scored the way the gate scores: the same prompts, schema-guided greedy decoding, the use case's metrics.
-    scores = pipeline.score_split(run_dir, "val", ("base", "candidate"))["models"]
+    scores = stages.score_split(run_dir, "val", ("base", "candidate"))["models"]
     before, after = scores["base"], scores["candidate"]
     report = {"before": before, "after": after, "eval_loss_initial": result["eval_loss_initial"],
               "eval_loss": result["eval_loss"], "train_loss_first": result["train_loss_first"],

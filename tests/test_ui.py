@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 from psycopg2.extras import Json
 
-from retrain import runs
-from retrain.config import run_dir_for, runs_dir
+from retrain.registry import runs
+from retrain.rundir import RunDir
+from retrain.settings import runs_dir
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 GO_RUN = "scheduled__2026-02-01T03:00:00+00:00"
 NOGO_RUN = "scheduled__2026-03-01T03:00:00+00:00"
 FAILED_RUN = "manual__2026-03-04T10:00:00+00:00"
-# The shape retrain.metrics.compare writes and the registry stores.
+# The shape retrain.evaluate.metrics.compare writes and the registry stores.
 COMPARISON = {"primary_score": {"baseline": 0.41, "candidate": 0.912, "delta": 0.502, "higher_is_better": True},
               "json_validity": {"baseline": 0.93, "candidate": 1.0, "delta": 0.07, "higher_is_better": True},
               "latency_p95": {"baseline": 0.84, "candidate": 0.31, "delta": -0.53, "higher_is_better": False}}
@@ -83,7 +84,7 @@ def registry(pg_url):
 
         go = {"use_case": "product_intent", "run_id": GO_RUN}
         runs.record_stage(conn, **go, stage="collect_examples", seconds=14.2, rows_collected=612,
-                          run_dir=str(run_dir_for("product_intent", GO_RUN)))
+                          run_dir=str(RunDir.for_run("product_intent", GO_RUN).path))
         runs.record_stage(conn, **go, stage="build_dataset", seconds=3.1, rows_rejected=9)
         runs.record_stage(conn, **go, stage="validate_dataset", seconds=7.9, validation={"success": True, "failed": []})
         runs.record_stage(conn, **go, stage="train_candidate", seconds=401.0)
@@ -115,7 +116,7 @@ def registry(pg_url):
                           error="validate_dataset: DataValidationError: 2 expectations failed")
 
     for run_id in (GO_RUN, NOGO_RUN):
-        ev = run_dir_for("product_intent", run_id) / "evaluation"
+        ev = RunDir.for_run("product_intent", run_id).path / "evaluation"
         ev.mkdir(parents=True, exist_ok=True)
         (ev / "report.html").write_text(f"<html><body><h1>Evaluation report {run_id}</h1>"
                                         f"<img src='confusion.png'></body></html>")
@@ -123,7 +124,7 @@ def registry(pg_url):
         (ev.parent / "train.jsonl").write_text('{"messages": []}\n')
     outside = runs_dir().parent / "secret.html"
     outside.write_text("<h1>not for the UI</h1>")
-    link = run_dir_for("product_intent", GO_RUN) / "evaluation" / "escape.html"
+    link = RunDir.for_run("product_intent", GO_RUN).path / "evaluation" / "escape.html"
     if not link.exists():
         link.symlink_to(outside)
     return pg_url
@@ -239,7 +240,7 @@ def test_page_lists_use_cases_production_history_runs_decisions_and_reports(api_
     assert "product_intent/2026-02-01/bk-7f3a" in runs_html
     assert "validate_dataset: DataValidationError: 2 expectations failed" in runs_html
     assert "failed (2 expectations)" in runs_html
-    go_dir = run_dir_for("product_intent", GO_RUN).relative_to(runs_dir()).as_posix()
+    go_dir = RunDir.for_run("product_intent", GO_RUN).path.relative_to(runs_dir()).as_posix()
     assert f'href="/retrain/files/{go_dir}/evaluation/report.html"' in runs_html
     # Production text in a reason is shown, never executed.
     assert "<script>alert" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
@@ -262,7 +263,7 @@ def test_json_overview_and_dag_tab_scope(api_server, token):
 
 
 def test_report_files_are_served_only_from_the_runs_directory(api_server, token):
-    rel = run_dir_for("product_intent", GO_RUN).relative_to(runs_dir()).as_posix()
+    rel = RunDir.for_run("product_intent", GO_RUN).path.relative_to(runs_dir()).as_posix()
     status, headers, body = _get(f"{api_server}/retrain/files/{rel}/evaluation/report.html", token)
     assert status == 200 and b"Evaluation report" in body and headers["content-type"].startswith("text/html")
     assert "sandbox" in headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from retrain.config import load_use_case
-from retrain.validate import DataValidationError, validate_dataset
+from retrain.schemas.use_case import load_use_case
+from retrain.data.validate import DataValidationError, validate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -311,10 +311,10 @@ def test_missing_file_names_it_and_says_run_build_dataset(tmp_path, uc):
 
 
 def test_module_import_stays_light():
-    # DAG files import retrain.validate at parse time; GX alone takes seconds to import.
+    # DAG files import retrain.data.validate at parse time; GX alone takes seconds to import.
     import subprocess
     import sys
 
-    code = "import sys, retrain.validate; print(sorted({'great_expectations', 'pandas'} & set(sys.modules)))"
+    code = "import sys, retrain.data.validate; print(sorted({'great_expectations', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from retrain.config import REPO_ROOT, state_dir
+from retrain.settings import schema_sql_path, state_dir
 
 log = logging.getLogger(__name__)
 
-SCHEMA_SQL = REPO_ROOT / "include" / "sql" / "schema.sql"
+SCHEMA_SQL = schema_sql_path()
 DEFAULT_CONN_ID = "retrain_db"
 _embedded: dict[Path, Any] = {}  # keeps server handles alive for the life of the process
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 
 def is_user_error(exc: BaseException) -> bool:
-    from retrain.config import ConfigError
-    from retrain.dataset import DatasetError
+    from retrain.schemas.use_case import ConfigError
+    from retrain.data.dataset import DatasetError
     from retrain.db import DatabaseError
-    from retrain.backup import BackupError
-    from retrain.registry import RegistryError
+    from retrain.backup.operations import BackupError
+    from retrain.registry.store import RegistryError
     from retrain.s3 import S3ConfigError
-    from retrain.train.openai_ft import OpenAIFineTuneError
+    from retrain.train.openai.job import OpenAIFineTuneError
 
     user_errors = (ConfigError, DatabaseError, DatasetError, RegistryError, BackupError, S3ConfigError,
                    OpenAIFineTuneError, FileNotFoundError)

@@ -3,6 +3,6 @@
 Nothing heavy is imported here: DAG files import this package.
 """
 
-from retrain.train.launch import train_qlora
 
-__all__ = ["train_qlora"]
+
+

@@ -61,14 +61,14 @@ def _free_port() -> int:
 def trainer_command(run_dir: Path, overrides: dict | None, *, processes: int | None = None) -> tuple[list[str], int]:
     """(argv, process count) for the trainer.
 
-    One process: ``python -m retrain.train.qlora``. Several (more than one GPU visible, or
+    One process: ``python -m retrain.train.qlora.trainer``. Several (more than one GPU visible, or
     RETRAIN_TRAIN_PROCESSES > 1): ``accelerate launch --multi_gpu --num_processes N``, which runs torchrun; on a
     machine without CUDA the processes train on the CPU over gloo. (``accelerate launch --cpu --num_processes N``
     would start a single process: accelerate 1.x only fans out CPU training through mpirun.)
     """
     gpus = visible_gpus()
     n = processes or int(os.environ.get("RETRAIN_TRAIN_PROCESSES", "0") or 0) or max(gpus, 1)
-    script = ["-m", "retrain.train.qlora", "--run-dir", str(run_dir), "--resume", "auto"]
+    script = ["-m", "retrain.train.qlora.trainer", "--run-dir", str(run_dir), "--resume", "auto"]
     if overrides:
         script += ["--overrides", json.dumps(overrides)]
     if n <= 1:
@@ -115,13 +115,13 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
     retried after training succeeded does not train again). Raises TrainingFailed (a RuntimeError) with the
     tail of the trainer's stderr when the trainer fails; the full output is in candidate/trainer.log.
     """
-    from retrain.pipeline import load_run
-    from retrain.train.config import read_overrides_file, run_fingerprint, spec_from_use_case
+    from retrain.rundir import load_run
+    from retrain.train.spec import run_fingerprint, spec_for_run
 
     run_dir_path = Path(run_dir).resolve()
     uc, _ = load_run(run_dir_path)
     # Validated here, in the worker, so a typo fails in a second naming the field instead of after a model load.
-    spec = spec_from_use_case(uc.training, {**read_overrides_file(run_dir_path), **(extra_overrides or {})})
+    spec = spec_for_run(run_dir_path, extra_overrides)
     out = run_dir_path / "candidate"
     result_path = out / RESULT_FILE
     if result_path.is_file():

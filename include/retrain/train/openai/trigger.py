@@ -29,9 +29,9 @@ from typing import Any
 import openai
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from retrain.train.openai_ft import ACTIVE_STATES, TERMINAL_STATES, api_error_message, is_transient_error
+from retrain.train.openai.job import ACTIVE_STATES, TERMINAL_STATES, api_error_message, is_transient_error
 
-CLASSPATH = "retrain.train.openai_trigger.OpenAIFineTuneTrigger"
+CLASSPATH = "retrain.train.openai.trigger.OpenAIFineTuneTrigger"
 
 
 def _from_connection(conn: Any) -> tuple[str | None, str | None]:
@@ -53,7 +53,7 @@ def _mask(secret: str | None) -> None:
 
 def resolve_credentials(conn_id: str | None) -> tuple[str | None, str | None]:
     """(api_key, base_url) from the Airflow connection if it exists, else (None, None) so callers fall back to
-    OPENAI_API_KEY / OPENAI_BASE_URL (retrain.train.openai_ft.credentials). The key is masked in task logs."""
+    OPENAI_API_KEY / OPENAI_BASE_URL (retrain.train.openai.job.credentials). The key is masked in task logs."""
     key = url = None
     if conn_id:
         try:
@@ -112,7 +112,7 @@ class OpenAIFineTuneTrigger(BaseTrigger):
         }
 
     async def _client(self, max_retries: int = 0):
-        from retrain.train.openai_ft import credentials
+        from retrain.train.openai.job import credentials
 
         key, url = credentials(*await aresolve_credentials(self.conn_id))
         # Retries are ours (below) so every backoff shows up in the task log.
@@ -152,7 +152,7 @@ class OpenAIFineTuneTrigger(BaseTrigger):
                          "data": data})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from retrain.train.openai_ft import OpenAIFineTuneError
+        from retrain.train.openai.job import OpenAIFineTuneError
 
         try:
             client = await self._client()

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retrain.config import UseCase
-from retrain.gate import decision_text
-from retrain.metrics import CATEGORIES
+from retrain.schemas.use_case import UseCase
+from retrain.evaluate.gate import decide, decision_text
+from retrain.rundir import RunDir, read_json, write_json
+from retrain.evaluate.metrics import CATEGORIES
 
 __all__ = ["write_report", "decision_text", "worst_errors"]
 
@@ -422,3 +423,32 @@ def write_report(
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return {"html": str(html_path), "md": str(md_path), "plots": [str(p) for p in plots.values()]}
+
+
+def write_decision(run_dir: str | Path, decision: dict) -> Path:
+    """run_dir/decision.json, written atomically (a crashed task never leaves half a decision behind)."""
+    return write_json(RunDir(run_dir).decision, decision)
+
+
+def decide_run(run_dir: str | Path, uc: UseCase, *, baseline_kind: str, labels: dict | None = None) -> dict:
+    """The gate stage on a run directory: read evaluation/metrics.json (written by retrain.evaluate.metrics.write_metrics),
+    decide, write decision.json and the report. Returns a small dict for XCom and the branch."""
+    rd = RunDir(run_dir)
+    data = read_json(rd.metrics, missing="run the evaluation stage for this run first")
+    decision = decide(uc, data["comparison"], baseline_kind=baseline_kind)
+    write_decision(rd.path, decision)
+    report = write_report(rd.path, uc, data["comparison"], decision, data["baseline"], data["candidate"],
+                          labels=labels or {})
+    return {
+        "decision": decision["decision"],
+        "summary": decision["summary"],
+        "failed": decision["failed"],
+        "baseline_kind": baseline_kind,
+        "candidate_score": decision["candidate_score"],
+        "baseline_score": decision["baseline_score"],
+        "decision_path": str(rd.decision),
+        "decision_record": decision,
+        "report_html": report["html"],
+        "report_md": report["md"],
+        "text": decision_text(decision),
+    }

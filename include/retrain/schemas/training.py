@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-OVERRIDES_FILE = "train_overrides.json"
 
 
 
@@ -54,7 +53,7 @@ class TrainingSpec(BaseModel):
 
     # --- optimisation ----------------------------------------------------------------------------------
     # 1e-3 rather than the usual 2e-4: measured on SmolLM2-135M, product_intent, batch 8 (see the module
-    # docstring of retrain.train.qlora) -- 2e-4 needs ~3x the steps for the same validation loss.
+    # docstring of retrain.train.qlora.trainer) -- 2e-4 needs ~3x the steps for the same validation loss.
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -178,49 +177,3 @@ def with_overrides(training: dict[str, Any], overrides: dict[str, Any] | None) -
         out["load_in_4bit"] = None
     out.update(overrides)
     return out
-
-
-def read_overrides_file(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / OVERRIDES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TrainingSpecError(f"{path} is not valid JSON ({exc}); fix or delete it and retry") from None
-    if not isinstance(data, dict):
-        raise TrainingSpecError(f"{path} must hold a JSON object of TrainingSpec fields, got {type(data).__name__}")
-    return data
-
-
-def spec_for_run(run_dir: str | Path, extra_overrides: dict[str, Any] | None = None) -> TrainingSpec:
-    """The effective spec of a prepared run directory: use case + train_overrides.json + extra_overrides."""
-    from retrain.pipeline import load_run
-
-    uc, _ = load_run(run_dir)
-    overrides = {**read_overrides_file(run_dir), **(extra_overrides or {})}
-    return spec_from_use_case(uc.training, overrides)
-
-
-def run_fingerprint(run_dir: str | Path, spec: TrainingSpec, base_model: str) -> dict[str, str]:
-    """What a checkpoint or a finished result was computed from: settings, base model and data files.
-
-    A checkpoint is only resumed, and a finished result only reused, when all of it is unchanged (a rebuilt
-    dataset or another base model must retrain from scratch).
-    """
-    out = {"spec": spec.fingerprint(), "base_model": base_model}
-    for name in ("train.jsonl", "val.jsonl"):
-        path = Path(run_dir) / name
-        digest = hashlib.sha256()
-        if path.is_file():
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        out[name.split(".")[0] + "_sha256"] = digest.hexdigest()
-    return out
-
-
-def compute_dtype_name(cuda: bool) -> str:
-    # bf16 compute is the QLoRA recipe on GPUs; on CPU it diverged here (nf4, loss 3.1 -> 6.6) while float32
-    # learned, and CPUs gain little from bf16 anyway.
-    return "bfloat16" if cuda else "float32"

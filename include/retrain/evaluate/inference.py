@@ -260,7 +260,7 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
 
 
 def _resolve_path(name: str) -> str:
-    from retrain.models import DEFAULT_BASE_MODEL, resolve_base_model
+    from retrain.evaluate.models import DEFAULT_BASE_MODEL, resolve_base_model
 
     path = os.path.expanduser(name)
     # An adapter trained in another RETRAIN_HOME (a test session, another machine) records an absolute base
@@ -284,7 +284,7 @@ class HFEngine:
             raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.prefix_cache = prefix_cache
-        # With a schema, decoding is guided by it (retrain.guided): as a serving stack with JSON-schema output.
+        # With a schema, decoding is guided by it (retrain.evaluate.guided): as a serving stack with JSON-schema output.
         self.schema = schema
         self.label = spec.get("label")
         raw = spec.get("path")
@@ -389,7 +389,7 @@ class HFEngine:
         if self.schema is not None:
             from transformers import LogitsProcessorList
 
-            from retrain.guided import schema_guard_class
+            from retrain.evaluate.guided import schema_guard_class
 
             guard = schema_guard_class()(self.schema, self._token_text, total, len(batch), self.eos_ids)
             kwargs["logits_processor"] = LogitsProcessorList([guard])
@@ -480,11 +480,9 @@ def _openai_settings(spec: dict) -> tuple[str | None, str | None]:
     """(api_key, base_url): the spec's base_url, then the Airflow connection (password / extra ``api_key``,
     extra ``base_url``), then OPENAI_API_KEY / OPENAI_BASE_URL. The fine-tuning backend's own lookup, so a model is
     evaluated with the key and server that trained it. The key is a secret: never log it."""
-    from retrain.train.openai_trigger import resolve_credentials
+    from retrain.settings import openai_credentials
 
-    key, url = resolve_credentials(spec.get("conn_id") or "openai_default")
-    base_url = spec.get("base_url") or url or os.environ.get("OPENAI_BASE_URL") or None
-    return key or os.environ.get("OPENAI_API_KEY") or None, base_url
+    return openai_credentials(spec.get("conn_id") or "openai_default", base_url=spec.get("base_url") or None)
 
 
 class OpenAIEngine:
@@ -600,7 +598,7 @@ def _failed(error: str, attempts: int) -> dict:
 
 def make_engine(spec: dict, *, batch_size: int = 32, concurrency: int = 4,
                 schema: dict[str, Any] | None = None) -> Engine:
-    """schema: guide a local model's decoding by this JSON schema (retrain.guided). An OpenAI-compatible endpoint
+    """schema: guide a local model's decoding by this JSON schema (retrain.evaluate.guided). An OpenAI-compatible endpoint
     decodes on its side; fine-tuned chat models there answer in the trained format."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "hf":

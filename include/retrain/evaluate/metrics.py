@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from retrain.config import UseCase
+from retrain.schemas.use_case import UseCase
 
 # Error categories, most severe first: an example gets the first one that applies.
 CATEGORIES = (

@@ -277,7 +277,7 @@ def check_chat_jsonl(path: str | Path, *, model: str, counter: TokenCounter | No
     ``{"line": n, "problem": "..."}`` (first ``max_problems``) and counts per problem kind. Personal data is
     reported by type and line, never by value (the report is logged).
     """
-    from retrain.scrub import find_pii
+    from retrain.data.scrub import find_pii
 
     path = Path(path)
     counter = counter or token_counter(model)
@@ -440,7 +440,7 @@ def _present(value: Any) -> bool:
 def job_settings(run_dir: str | Path, *, model: str | None = None, max_cost_usd: float | str | None = None) -> dict:
     """Everything the job is created from, resolved from the frozen run config (read defensively: the
     OpenAI-specific training fields are optional until the lead adds them to TrainingConfig)."""
-    from retrain.pipeline import load_run
+    from retrain.rundir import load_run
 
     uc, meta = load_run(run_dir)
     tr, params = uc.training, meta.get("params") or {}

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from retrain.collect import input_hash
-from retrain.config import UseCase
+from retrain.data.collect import input_hash
+from retrain.schemas.use_case import UseCase
 
 log = logging.getLogger(__name__)
 

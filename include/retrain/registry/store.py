@@ -55,7 +55,7 @@ def _transaction(conn, use_case: str) -> Iterator[Any]:
     try:
         with conn.cursor() as cur:
             # Serialise writers per use case: version numbering and promotion read-then-write.
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.registry'), hashtext(%s))", (use_case,))
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('retrain.registry.store'), hashtext(%s))", (use_case,))
             yield cur
         conn.commit()
     except BaseException:
@@ -158,32 +158,6 @@ def summary(conn, use_case: str) -> dict:
         ],
         "history": history(conn, use_case),
     }
-
-
-def baseline_spec(conn, uc) -> dict:
-    """The model the candidate must beat: the production model of the use case, or the base model on a first run.
-
-    The hf path of a production model is its immutable deployed version directory rather than the ``production``
-    alias, so a rollback during an evaluation cannot swap the baseline halfway through the test set.
-    """
-    row = production(conn, uc.name)
-    if row is None:
-        if uc.training.backend == "openai":
-            spec = {"kind": "openai", "model": uc.training.openai_base_model,
-                    "base_url": getattr(uc.training, "openai_base_url", None)}
-        else:
-            # The configured name (e.g. "smollm2-135m-instruct"): models.resolve_base_model turns it into a path.
-            spec = {"kind": "hf", "path": uc.training.base_model}
-        return spec | {"label": "baseline", "baseline_kind": "base_model", "version": None,
-                       "base_model": uc.training.base_model if spec["kind"] == "hf" else uc.training.openai_base_model}
-    if row["backend"] == "openai":
-        spec = {"kind": "openai", "model": row["artifact"], "base_url": getattr(uc.training, "openai_base_url", None)}
-    else:
-        from retrain.deploy import model_path
-
-        spec = {"kind": "hf", "path": model_path(row)}
-    return spec | {"label": "baseline", "baseline_kind": "production", "version": row["version"],
-                   "base_model": row["base_model"]}
 
 
 # --- writes ------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from retrain import registry
-from retrain.config import state_dir
-from retrain.registry import RegistryError
+from retrain.registry import store as registry
+from retrain.settings import state_dir
+from retrain.registry.store import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,30 @@ def model_path(row: dict) -> str:
     )
 
 
+def baseline_spec(conn, uc) -> dict:
+    """The model the candidate must beat: the production model of the use case, or the base model on a first run.
+
+    The hf path of a production model is its immutable deployed version directory rather than the ``production``
+    alias, so a rollback during an evaluation cannot swap the baseline halfway through the test set.
+    """
+    row = registry.production(conn, uc.name)
+    if row is None:
+        if uc.training.backend == "openai":
+            spec = {"kind": "openai", "model": uc.training.openai_base_model, "base_url": None}
+        else:
+            # The configured name (e.g. "smollm2-135m-instruct"): models.resolve_base_model turns it into a path.
+            spec = {"kind": "hf", "path": uc.training.base_model}
+        return spec | {"label": "baseline", "baseline_kind": "base_model", "version": None,
+                       "base_model": uc.training.base_model if spec["kind"] == "hf" else uc.training.openai_base_model}
+    if row["backend"] == "openai":
+        # base_url None: the OpenAI connection (or OPENAI_BASE_URL) that trained it serves it.
+        spec = {"kind": "openai", "model": row["artifact"], "base_url": None}
+    else:
+        spec = {"kind": "hf", "path": model_path(row)}
+    return spec | {"label": "baseline", "baseline_kind": "production", "version": row["version"],
+                   "base_model": row["base_model"]}
+
+
 def _publisher(use_case: str, kind: str):
     """The file-side step run inside the registry transaction, and how to undo it if the commit fails."""
     undo: dict = {}
@@ -253,7 +277,7 @@ def run_rollback(use_case: str, *, to_version: int | None = None, reason: str, a
                  run_id: str | None = None) -> dict:
     """Entry point of the rollback_model DAG and `retrain rollback`: opens the database and rolls back."""
     from retrain import db
-    from retrain.config import load_use_case
+    from retrain.schemas.use_case import load_use_case
 
     load_use_case(use_case)  # an unknown name fails here, listing the known use cases
     if len((reason or "").strip()) < MIN_REASON_CHARS:

@@ -6,7 +6,6 @@ validated here, so a typo fails in the first task with the field's name instead 
 
 from __future__ import annotations
 
-import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retrain.train.config import TrainingSpec, with_overrides  # pydantic only: safe at DAG parse time
+from retrain.schemas.training import TrainingSpec, with_overrides  # pydantic only: safe at DAG parse time
+from retrain.settings import use_cases_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 USE_CASE_NAME = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 
 
@@ -80,7 +79,7 @@ class DataRules(_Strict):
 
 class TrainingConfig(TrainingSpec):
     """A use case's ``training:`` block: which backend trains from which base model, plus every hyper-parameter of
-    the local trainer (``retrain.train.config.TrainingSpec``: adapter and 4-bit settings, LoRA rank/alpha/dropout/
+    the local trainer (``retrain.schemas.training.TrainingSpec``: adapter and 4-bit settings, LoRA rank/alpha/dropout/
     target modules, learning rate and schedule, epochs and step cap, batch size, gradient accumulation, max length,
     gradient checkpointing, eval/save/early-stopping cadence, length grouping / padding-free / packing) and the
     OpenAI job's knobs. Cross-field rules (qlora => 4-bit, save_steps a multiple of eval_steps) come with the spec.
@@ -98,7 +97,7 @@ class TrainingConfig(TrainingSpec):
 
 
 class BackupConfig(_Strict):
-    """Encrypted backup policy (retrain.backup.backup_settings). An unset field falls back to its RETRAIN_BACKUP_*
+    """Encrypted backup policy (retrain.backup.operations.backup_settings). An unset field falls back to its RETRAIN_BACKUP_*
     environment variable, then to the default, so one deployment-wide setting still works."""
 
     enabled: bool | None = Field(None, description="back up each run to S3 (default true)")
@@ -221,10 +220,6 @@ class UseCase(_Strict):
         return user_content[len(prefix):end]
 
 
-def use_cases_dir() -> Path:
-    return Path(os.environ.get("RETRAIN_USE_CASES_DIR", REPO_ROOT / "include" / "use_cases"))
-
-
 def _format_validation_error(source: str, exc: ValidationError) -> str:
     lines = [f"{source} is invalid:"]
     for err in exc.errors():
@@ -327,28 +322,6 @@ def apply_params(uc: UseCase, params: RunParams) -> UseCase:
         if value is not None:
             data["thresholds"][key] = value
     return parse_use_case(data, f"use case '{uc.name}' with run parameters")
-
-
-# --- platform settings (environment) ---------------------------------------------------------------
-
-
-def state_dir() -> Path:
-    """Where runs, the embedded database and model caches live (RETRAIN_HOME, default <repo>/.state)."""
-    path = Path(os.environ.get("RETRAIN_HOME", REPO_ROOT / ".state")).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def runs_dir() -> Path:
-    return state_dir() / "runs"
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def run_dir_for(use_case: str, run_id: str) -> Path:
-    # Airflow run ids contain ':' and '+' (scheduled__2026-11-01T03:00:00+00:00): keep paths portable.
-    return runs_dir() / use_case / _SAFE.sub("_", run_id)
 
 
 def split_template(template: str) -> tuple[str, str]:

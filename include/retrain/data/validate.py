@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from retrain.config import UseCase
+from retrain.schemas.use_case import UseCase
 
 SPLITS = ("train", "val", "test")
 DATASET_FILES = tuple(f"{s}.jsonl" for s in SPLITS)
@@ -356,7 +356,7 @@ def _row_expectations(gxe: Any, uc: UseCase, mostly: float) -> list[Any]:
             column="output_schema_error",
             mostly=mostly,
             notes="The first violation of the use case's output_schema by a parseable assistant output "
-            "(computed in retrain.validate: GX 1.24's match_json_schema raises on non-JSON rows and "
+            "(computed in retrain.data.validate: GX 1.24's match_json_schema raises on non-JSON rows and "
             "re-checks the schema per row). Non-JSON outputs are counted by the json_parseable "
             "expectation, not here.",
         ),
@@ -383,7 +383,7 @@ def _row_expectations(gxe: Any, uc: UseCase, mostly: float) -> list[Any]:
 
 
 def _dataset_expectations(gx: Any, uc: UseCase, mostly: float) -> list[Any]:
-    from retrain.scrub import pii_regex_list
+    from retrain.data.scrub import pii_regex_list
 
     gxe = gx.expectations
     pii = pii_regex_list()
@@ -409,10 +409,10 @@ def _dataset_expectations(gx: Any, uc: UseCase, mostly: float) -> list[Any]:
             notes="Test inputs also present (normalised) in train or val: the score would be inflated.",
         ),
         gxe.ExpectColumnValuesToNotMatchRegexList(
-            column="input", regex_list=pii, notes="Unscrubbed personal data (retrain.scrub patterns)."
+            column="input", regex_list=pii, notes="Unscrubbed personal data (retrain.data.scrub patterns)."
         ),
         gxe.ExpectColumnValuesToNotMatchRegexList(
-            column="output", regex_list=pii, notes="Unscrubbed personal data (retrain.scrub patterns)."
+            column="output", regex_list=pii, notes="Unscrubbed personal data (retrain.data.scrub patterns)."
         ),
     ]
 
@@ -517,7 +517,7 @@ def _exception_message(info: Any) -> str | None:
 
 
 def _pii_kinds(value: Any) -> str:
-    from retrain.scrub import find_pii
+    from retrain.data.scrub import find_pii
 
     kinds = sorted({kind for kind, _ in find_pii(str(value))})
     return f"<{'/'.join(kinds) or 'PII'} redacted>"

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from retrain.config import state_dir
+from retrain.settings import state_dir
 
 log = logging.getLogger(__name__)
 

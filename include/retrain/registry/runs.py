@@ -129,7 +129,7 @@ def latest_runs(conn, limit: int = 50, use_case: str | None = None) -> list[dict
 
 
 def decision_fields(decision: dict | None) -> dict:
-    """``decision`` / ``decision_reasons`` for record_stage from the gate's decision.json (retrain.gate.decide).
+    """``decision`` / ``decision_reasons`` for record_stage from the gate's decision.json (retrain.evaluate.gate.decide).
 
     The reasons are the one-line reasons of the required checks that failed (why NO-GO), or of every required
     check (why GO); informational checks (``required: false``) never count. Older or hand-written shapes work

@@ -1,12 +1,14 @@
-"""Stage entry points: what each Airflow task (and each `retrain <stage>` CLI command) calls.
+"""Task bodies: one function per task of the monthly DAG, named as the task id (and each `retrain <stage>` command).
 
-Each stage takes the run directory and returns a small JSON-able dict for XCom. The effective configuration
-(use-case YAML + this run's parameters, validated) is frozen into ``run_config.json`` by the first stage, so
-retries and later stages use exactly what the run started with.
+Each stage takes the run directory (``retrain.rundir.RunDir``) and returns a small JSON-able dict for XCom. The
+effective configuration (use-case YAML + this run's parameters, validated) is frozen into ``run_config.json`` by
+``prepare_run``, so retries and later stages use exactly what the run started with. Every stage is recorded in
+``pipeline_runs`` by one decorator (:func:`recorded`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from datetime import datetime, timezone
@@ -14,28 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from retrain import db
-from retrain.config import UseCase, apply_params, load_use_case, parse_run_params, parse_use_case, run_dir_for
+from retrain.registry.runs import record_run_stage, timed_stage
+from retrain.rundir import RunDir, load_run, write_json
+from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.json"
+__all__ = ["load_run"]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    tmp.replace(path)
-
-
-def _recorded(stage: str, fields=None):
+def recorded(stage: str, fields=None):
     """Record the stage's duration (and what ``fields(result)`` picks from its result) in pipeline_runs."""
-    import functools
 
     def wrap(func):
         @functools.wraps(func)
         def inner(run_dir, *args, **kwargs):
-            from retrain.runs import timed_stage
-
             with timed_stage(run_dir, stage) as rec:
                 result = func(run_dir, *args, **kwargs)
                 if fields is not None:
@@ -52,31 +47,19 @@ def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def load_run(run_dir: str | Path) -> tuple[UseCase, dict]:
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this run directory was not prepared (run prepare_run first)")
-    meta = json.loads(path.read_text())
-    return parse_use_case(meta["use_case"], str(path)), meta
-
-
 def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
     """Validate the use case and the run's parameters, create the run directory, make sure the schema exists."""
     uc = load_use_case(use_case)
     run_params = parse_run_params(params or {})
     uc = apply_params(uc, run_params)
-    run_dir = run_dir_for(uc.name, run_id)
+    rd = RunDir.for_run(uc.name, run_id)
+    run_dir = rd.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    from retrain.runs import record_stage
-
     with db.connection() as conn:
         db.ensure_schema(conn)
         available = db.count_examples(conn, uc.name)
-        record_stage(conn, use_case=uc.name, run_id=run_id, stage="prepare_run", seconds=None, status="running",
-                     run_dir=str(run_dir))
-    _write_json(
-        run_dir / RUN_CONFIG,
+    write_json(
+        rd.run_config,
         {
             "run_id": run_id,
             "params": run_params.model_dump(),
@@ -84,6 +67,7 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
             "prepared_at": datetime.now(timezone.utc).isoformat(),
         },
     )
+    record_run_stage(rd, "prepare_run", None, status="running")
     log.info("run %s of %s prepared in %s (%d production examples in the table)", run_id, uc.name, run_dir, available)
     return {
         "run_dir": str(run_dir),
@@ -94,9 +78,9 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
     }
 
 
-@_recorded("collect_examples", lambda r: {"rows_collected": r["rows"]})
+@recorded("collect_examples", lambda r: {"rows_collected": r["rows"]})
 def collect(run_dir: str | Path) -> dict:
-    from retrain.collect import collect_examples
+    from retrain.data.collect import collect_examples
 
     uc, meta = load_run(run_dir)
     split = uc.data.split
@@ -105,26 +89,26 @@ def collect(run_dir: str | Path) -> dict:
             conn,
             uc.name,
             meta["run_id"],
-            Path(run_dir) / "batch.jsonl",
+            RunDir(run_dir).batch,
             split_ratios=(split.train, split.val),
             sample_limit=meta["params"].get("sample_limit"),
         )
-    _write_json(Path(run_dir) / "collect.json", result)
+    write_json(RunDir(run_dir).collect, result)
     return {k: result[k] for k in ("rows", "skipped", "replayed")}
 
 
-@_recorded("build_dataset", lambda r: {"rows_rejected": r["counts"]["rejected"]})
+@recorded("build_dataset", lambda r: {"rows_rejected": r["counts"]["rejected"]})
 def build(run_dir: str | Path) -> dict:
-    from retrain.dataset import build_dataset
+    from retrain.data.dataset import build_dataset
 
     uc, meta = load_run(run_dir)
     with db.connection() as conn:
         return build_dataset(conn, uc, meta["run_id"], Path(run_dir))
 
 
-@_recorded("validate_dataset", lambda r: {"validation": {k: r[k] for k in ("success", "failed", "expectations")}})
+@recorded("validate_dataset", lambda r: {"validation": {k: r[k] for k in ("success", "failed", "expectations")}})
 def validate(run_dir: str | Path) -> dict:
-    from retrain.validate import validate_dataset
+    from retrain.data.validate import validate_dataset
 
     uc, _ = load_run(run_dir)
     return validate_dataset(run_dir, uc)
@@ -132,50 +116,35 @@ def validate(run_dir: str | Path) -> dict:
 
 def summarize(run_dir: str | Path) -> dict:
     """One screen for the task log and the demo: where the dataset, its manifest and the Data Docs are."""
-    run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    validation = json.loads((run_dir / "validation.json").read_text()) if (run_dir / "validation.json").is_file() else {}
+    rd = RunDir(run_dir)
+    manifest = json.loads(rd.manifest.read_text())
+    validation = json.loads(rd.validation.read_text()) if rd.validation.is_file() else {}
     summary = {
-        "run_dir": str(run_dir),
+        "run_dir": str(rd),
         "counts": manifest["counts"],
-        "dataset": {s: str(run_dir / f"{s}.jsonl") for s in ("train", "val", "test")},
-        "manifest": str(run_dir / "manifest.json"),
+        "dataset": {s: str(rd.split(s)) for s in ("train", "val", "test")},
+        "manifest": str(rd.manifest),
         "data_docs": validation.get("data_docs"),
         "validation_success": validation.get("success"),
     }
-    _write_json(run_dir / "summary.json", summary)
-    _, meta = load_run(run_dir)
+    write_json(rd.summary, summary)
+    _, meta = load_run(rd)
     if meta["params"].get("dry_run"):
-        from retrain.runs import record_run_stage
-
-        record_run_stage(run_dir, "report_dataset", None, status="dry_run")
+        record_run_stage(rd, "report_dataset", None, status="dry_run")
     return summary
 
 
 # --- training, evaluation, gate, deploy ----------------------------------------------------------------------
 
 
-def _candidate_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "candidate"
-
-
 def _train_result(run_dir: str | Path) -> dict:
-    path = _candidate_dir(run_dir) / "train_result.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the training stage has not finished for this run")
-    return json.loads(path.read_text())
+    return RunDir(run_dir).read_train_result()
 
 
-def choose_backend(run_dir: str | Path) -> str:
-    """Which training task runs: the configured backend (YAML default, overridable by the `backend` Param)."""
-    uc, _ = load_run(run_dir)
-    return uc.training.backend
-
-
-@_recorded("register_candidate", lambda r: {"model_version": r["version"]})
+@recorded("register_candidate", lambda r: {"model_version": r["version"]})
 def register_candidate(run_dir: str | Path) -> dict:
     """Record the trained candidate in the model registry (idempotent per run)."""
-    from retrain import registry
+    from retrain.registry import store as registry
 
     uc, meta = load_run(run_dir)
     with db.connection() as conn:
@@ -183,7 +152,7 @@ def register_candidate(run_dir: str | Path) -> dict:
         row = registry.register_from_train_result(
             conn, use_case=uc.name, run_id=meta["run_id"], train_result=_train_result(run_dir)
         )
-    _write_json(_candidate_dir(run_dir) / "registered.json", {"version": row["version"]})
+    write_json(RunDir(run_dir).registered, {"version": row["version"]})
     return {"version": row["version"], "artifact": row["artifact"]}
 
 
@@ -197,8 +166,8 @@ def candidate_spec(train_result: dict) -> dict:
 def _training_answers(run_dir: Path) -> list[str]:
     """The labelled answers of the run's train and validation splits (the assistant turns)."""
     answers = []
-    for name in ("train.jsonl", "val.jsonl"):
-        path = run_dir / name
+    for name in ("train", "val"):
+        path = RunDir(run_dir).split(name)
         if path.is_file():
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
@@ -215,21 +184,22 @@ def _conversations(uc, inputs: list[str]) -> list[list[dict]]:
             for text in inputs]
 
 
-@_recorded("evaluate_candidate")
+@recorded("evaluate_candidate")
 def evaluate(run_dir: str | Path) -> dict:
     """Candidate and baseline (production model, or the base model on a first run) answer the same frozen test set."""
-    from retrain import inference, metrics, registry
+    from retrain.evaluate import inference, metrics
+    from retrain.registry.deploy import baseline_spec
 
     run_dir = Path(run_dir)
     uc, _ = load_run(run_dir)
     with db.connection() as conn:
         db.ensure_schema(conn)
-        baseline = registry.baseline_spec(conn, uc)
+        baseline = baseline_spec(conn, uc)
     candidate = candidate_spec(_train_result(run_dir))
-    inputs, references = metrics.load_test_set(uc, run_dir / "test.jsonl")
+    rd = RunDir(run_dir)
+    inputs, references = metrics.load_test_set(uc, rd.split("test"))
     conversations = _conversations(uc, inputs)
-    out = run_dir / "evaluation"
-    out.mkdir(exist_ok=True)
+    rd.evaluation.mkdir(exist_ok=True)
     # Both models get the same budget, bounded by the schema and by the longest answer they were trained on.
     budget = inference.max_new_tokens_for(uc, _training_answers(run_dir))
     scores = {}
@@ -237,7 +207,7 @@ def evaluate(run_dir: str | Path) -> dict:
         log.info("evaluating %s model %s on %d test examples (at most %d new tokens each)", name,
                  spec.get("path") or spec.get("model"), len(inputs), budget)
         results, stats = inference.predict(spec, conversations, uc, max_new_tokens=budget)
-        with open(out / f"predictions_{name}.jsonl", "w", encoding="utf-8") as fh:
+        with open(rd.predictions(name), "w", encoding="utf-8") as fh:
             for text, result in zip(inputs, results):
                 fh.write(json.dumps({"input": text, **result}, ensure_ascii=False) + "\n")
         scores[name] = metrics.score_predictions(uc, references, results, inputs=inputs, wall_seconds=stats["seconds"])
@@ -246,7 +216,7 @@ def evaluate(run_dir: str | Path) -> dict:
                  stats.get("p95") or 0.0)
     comparison = metrics.compare(uc, scores["baseline"], scores["candidate"])
     metrics.write_metrics(run_dir, scores["baseline"], scores["candidate"], comparison)
-    _write_json(out / "models.json", {"baseline": baseline, "candidate": candidate})
+    write_json(rd.models, {"baseline": baseline, "candidate": candidate})
     return {
         "baseline_kind": baseline["baseline_kind"],
         "baseline_score": scores["baseline"]["aggregate"]["primary_score"],
@@ -261,15 +231,14 @@ def score_split(run_dir: str | Path, split: str = "val", models: tuple[str, ...]
     ``models`` holds "base" (the use case's base model), "candidate" (this run's trained model) or model paths.
     Returns each model's aggregate metrics; nothing is written.
     """
-    from retrain import inference, metrics
+    from retrain.evaluate import inference, metrics
 
     run_dir = Path(run_dir)
     uc, _ = load_run(run_dir)
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, got {split!r}")
-    path = run_dir / f"{split}.jsonl"
-    if not path.is_file() and (run_dir / "backup.json").is_file():
-        backup_id = json.loads((run_dir / "backup.json").read_text()).get("backup_id")
+    rd = RunDir(run_dir)
+    path = rd.split(split)
+    if not path.is_file() and rd.backup_receipt.is_file():
+        backup_id = rd.read_backup_receipt().get("backup_id")
         raise FileNotFoundError(
             f"{path} was removed by cleanup after the run's encrypted backup: restore it with `retrain backup restore "
             f"{backup_id} --target-dir <dir>` and score <dir>")
@@ -302,49 +271,48 @@ def _labels(models: dict) -> dict:
 
 def decide(run_dir: str | Path) -> dict:
     """Apply the go/no-go thresholds, write decision.json and the report, record the decision in the registry."""
-    from retrain import gate, registry
+    from retrain.evaluate.report import decide_run
+    from retrain.registry import store as registry
+    from retrain.registry.runs import decision_fields
 
-    run_dir = Path(run_dir)
-    uc, _ = load_run(run_dir)
-    models = json.loads((run_dir / "evaluation" / "models.json").read_text())
-    out = gate.decide_run(run_dir, uc, baseline_kind=models["baseline"]["baseline_kind"], labels=_labels(models))
-    version = json.loads((_candidate_dir(run_dir) / "registered.json").read_text())["version"]
+    rd = RunDir(run_dir)
+    uc, _ = load_run(rd)
+    models = json.loads(rd.models.read_text())
+    out = decide_run(rd.path, uc, baseline_kind=models["baseline"]["baseline_kind"], labels=_labels(models))
+    decision = out["decision_record"]
+    data = rd.read_metrics()
+    version = rd.registered_version()
+    comparison_metrics = data["comparison"]["metrics"]
     with db.connection() as conn:
-        registry.record_decision(
-            conn, use_case=uc.name, version=version,
-            metrics=json.loads((run_dir / "evaluation" / "metrics.json").read_text())["comparison"]["metrics"],
-            decision=json.loads((run_dir / "decision.json").read_text()),
-        )
-    from retrain.runs import decision_fields, record_run_stage
-
-    record_run_stage(run_dir, "decide", None, model_version=version,
-                     metrics=json.loads((run_dir / "evaluation" / "metrics.json").read_text())["comparison"]["metrics"],
-                     **decision_fields(json.loads((run_dir / "decision.json").read_text())))
+        registry.record_decision(conn, use_case=uc.name, version=version, metrics=comparison_metrics,
+                                 decision=decision)
+    record_run_stage(rd, "decide", None, model_version=version, metrics=comparison_metrics,
+                     **decision_fields(decision))
     log.info("go/no-go for %s v%s:\n%s\nreport: %s", uc.name, version, out["text"], out["report_html"])
     return {k: out[k] for k in ("decision", "summary", "candidate_score", "baseline_score", "report_html")} | {
         "version": version
     }
 
 
-@_recorded("deploy_model", lambda r: {"status": "success"})
+@recorded("deploy_model", lambda r: {"status": "success"})
 def deploy_candidate(run_dir: str | Path, actor: str) -> dict:
-    from retrain import deploy
+    from retrain.registry import deploy
 
     uc, meta = load_run(run_dir)
-    version = json.loads((_candidate_dir(run_dir) / "registered.json").read_text())["version"]
-    decision = json.loads((Path(run_dir) / "decision.json").read_text())
+    version = RunDir(run_dir).registered_version()
+    decision = RunDir(run_dir).read_decision()
     with db.connection() as conn:
         return _jsonable(deploy.deploy(conn, use_case=uc.name, version=version, actor=actor,
                                        reason=decision["summary"], run_id=meta["run_id"]))
 
 
-@_recorded("reject_candidate", lambda r: {"status": "no_go"})
+@recorded("reject_candidate", lambda r: {"status": "no_go"})
 def reject_candidate(run_dir: str | Path, actor: str) -> dict:
-    from retrain import registry
+    from retrain.registry import store as registry
 
     uc, meta = load_run(run_dir)
-    version = json.loads((_candidate_dir(run_dir) / "registered.json").read_text())["version"]
-    decision = json.loads((Path(run_dir) / "decision.json").read_text())
+    version = RunDir(run_dir).registered_version()
+    decision = RunDir(run_dir).read_decision()
     with db.connection() as conn:
         return _jsonable(registry.reject(conn, use_case=uc.name, version=version, actor=actor,
                                          reason=decision["summary"], run_id=meta["run_id"]))
@@ -353,32 +321,32 @@ def reject_candidate(run_dir: str | Path, actor: str) -> dict:
 # --- backups --------------------------------------------------------------------------------------------------
 
 
-@_recorded("backup_to_s3", lambda r: {"backup_id": r.get("backup_id")})
+@recorded("backup_to_s3", lambda r: {"backup_id": r.get("backup_id")})
 def backup(run_dir: str | Path) -> dict:
-    from retrain.backup import backup_to_s3
+    from retrain.backup.operations import backup_to_s3
 
     result = backup_to_s3(run_dir)
     return {k: result.get(k) for k in ("backup_id", "skipped", "bytes", "ciphertext_bytes", "reused")}
 
 
-@_recorded("verify_backup")
+@recorded("verify_backup")
 def verify_backup(run_dir: str | Path) -> dict:
-    from retrain.backup import drill_backup
+    from retrain.backup.operations import drill_backup
 
     result = drill_backup(run_dir)
     return {k: result.get(k) for k in ("backup_id", "sha256", "chunks", "verified", "skipped")}
 
 
-@_recorded("prune_backups")
+@recorded("prune_backups")
 def prune_backups(run_dir: str | Path) -> dict:
-    from retrain.backup import prune_stage
+    from retrain.backup.operations import prune_stage
 
     return _jsonable(prune_stage(run_dir))
 
 
-@_recorded("cleanup", lambda r: {"status": "success"})
+@recorded("cleanup", lambda r: {"status": "success"})
 def cleanup(run_dir: str | Path) -> dict:
-    from retrain.backup import cleanup_stage
+    from retrain.backup.operations import cleanup_stage
 
     result = cleanup_stage(run_dir)
     return {k: result.get(k) for k in ("removed", "bytes_freed", "skipped")}

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from retrain.scrub import scrub_text
+from retrain.data.scrub import scrub_text
 
 log = logging.getLogger(__name__)
 

@@ -1180,7 +1180,7 @@ def describe_backup(backup_id: str) -> dict:
 
 
 def default_restore_dir(backup_id: str) -> Path:
-    from retrain.config import state_dir
+    from retrain.settings import state_dir
 
     use_case, run = _check_backup_id(backup_id)
     return state_dir() / "restores" / use_case / run
@@ -1408,7 +1408,7 @@ def backup_settings(uc) -> dict:
 
 
 def _load_run(run_dir: str | Path):
-    from retrain.pipeline import load_run
+    from retrain.rundir import load_run
 
     return load_run(run_dir)
 

@@ -69,15 +69,15 @@ class OpenAIFineTuneOperator(BaseOperator):
         return float(os.environ.get("RETRAIN_OPENAI_POLL_SECONDS") or DEFAULT_POLL_SECONDS)
 
     def _credentials(self) -> tuple[str | None, str | None]:
-        from retrain.train.openai_trigger import resolve_credentials
+        from retrain.train.openai.trigger import resolve_credentials
 
         return resolve_credentials(self.conn_id)
 
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from retrain.train.openai_ft import CostLimitExceeded, FormatCheckError, prepare_openai_job
-        from retrain.train.openai_trigger import OpenAIFineTuneTrigger
+        from retrain.train.openai.job import CostLimitExceeded, FormatCheckError, prepare_openai_job
+        from retrain.train.openai.trigger import OpenAIFineTuneTrigger
 
         key, url = self._credentials()
         try:
@@ -106,7 +106,7 @@ class OpenAIFineTuneOperator(BaseOperator):
     def execute_complete(self, context: Any, event: dict | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-        from retrain.train.openai_ft import FineTuneJobFailed, OpenAIFineTuneError, finish_job
+        from retrain.train.openai.job import FineTuneJobFailed, OpenAIFineTuneError, finish_job
 
         if not event:
             raise AirflowException("the trigger ended without an event; clear the task to re-attach to the job")
@@ -123,7 +123,7 @@ class OpenAIFineTuneOperator(BaseOperator):
     def on_kill(self) -> None:
         """Killed while execute() ran (e.g. SIGTERM, execution_timeout): cancel the job if one exists already.
         While deferred, the trigger's on_kill does this instead."""
-        from retrain.train.openai_ft import cancel_job, credentials, recorded_job_id
+        from retrain.train.openai.job import cancel_job, credentials, recorded_job_id
 
         job_id = recorded_job_id(Path(str(self.run_dir)))
         if not job_id:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from retrain.config import UseCase
+from retrain.schemas.use_case import UseCase
 
 BASELINE_KINDS = ("production", "base_model")
 SIGNIFICANCE_ALPHA = 0.05
@@ -21,7 +21,7 @@ def _metric(comparison: dict, name: str) -> tuple[float | None, float | None]:
     m = comparison.get("metrics", {}).get(name)
     if m is None:
         raise ValueError(
-            f"the comparison has no metric '{name}': pass the output of retrain.metrics.compare(uc, baseline, candidate)"
+            f"the comparison has no metric '{name}': pass the output of retrain.evaluate.metrics.compare(uc, baseline, candidate)"
         )
     return m.get("baseline"), m.get("candidate")
 
@@ -145,13 +145,6 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str) -> dict:
     }
 
 
-def write_decision(run_dir: str | Path, decision: dict) -> Path:
-    """run_dir/decision.json, written atomically (a crashed task never leaves half a decision behind)."""
-    from retrain.metrics import write_json_atomic
-
-    return write_json_atomic(Path(run_dir) / "decision.json", decision)
-
-
 def decision_text(decision: dict) -> str:
     """One screen of plain text for the Airflow task log and the run note."""
     lines = [
@@ -164,33 +157,3 @@ def decision_text(decision: dict) -> str:
         status = ("PASS" if c["passed"] else "FAIL") if c["required"] else "INFO"
         lines.append(f"[{status}] {c['name']:<27} {c['reason']}")
     return "\n".join(lines)
-
-
-def decide_run(run_dir: str | Path, uc: UseCase, *, baseline_kind: str, labels: dict | None = None) -> dict:
-    """The gate stage on a run directory: read evaluation/metrics.json (written by retrain.metrics.write_metrics),
-    decide, write decision.json and the report. Returns a small dict for XCom and the branch."""
-    import json
-
-    from retrain.report import write_report
-
-    run_dir = Path(run_dir)
-    path = run_dir / "evaluation" / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the evaluation stage for this run first")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    decision = decide(uc, data["comparison"], baseline_kind=baseline_kind)
-    write_decision(run_dir, decision)
-    report = write_report(run_dir, uc, data["comparison"], decision, data["baseline"], data["candidate"],
-                          labels=labels or {})
-    return {
-        "decision": decision["decision"],
-        "summary": decision["summary"],
-        "failed": decision["failed"],
-        "baseline_kind": baseline_kind,
-        "candidate_score": decision["candidate_score"],
-        "baseline_score": decision["baseline_score"],
-        "decision_path": str(run_dir / "decision.json"),
-        "report_html": report["html"],
-        "report_md": report["md"],
-        "text": decision_text(decision),
-    }

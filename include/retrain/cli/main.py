@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from retrain.config import REPO_ROOT, ConfigError, list_use_cases, load_use_case, state_dir
+from retrain.schemas.use_case import ConfigError, list_use_cases, load_use_case
+from retrain.settings import REPO_ROOT, state_dir
 
 log = logging.getLogger("retrain")
 
@@ -139,7 +140,7 @@ def _parse_params(pairs: list[str]) -> dict:
 
 def cmd_seed(args) -> int:
     from retrain import db
-    from retrain.synthetic import seed_examples
+    from retrain.data.synthetic import seed_examples
 
     uc = load_use_case(args.use_case)
     with db.connection() as conn:
@@ -297,8 +298,8 @@ def print_run_summary(run_dir: Path, result: dict, total_seconds: float) -> None
 
 def cmd_demo(args) -> int:
     from retrain import db
-    from retrain.config import run_dir_for
-    from retrain.synthetic import seed_examples
+    from retrain.rundir import RunDir
+    from retrain.data.synthetic import seed_examples
 
     uc = load_use_case(args.use_case)
     t0 = time.monotonic()
@@ -316,7 +317,7 @@ def cmd_demo(args) -> int:
     log_file = state_dir() / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
     print(f"[demo] running DAG retrain_{uc.name} with dag.test(); full Airflow log: {log_file}", flush=True)
     result = run_dag_with_progress(uc.name, _parse_params(args.param), log_file)
-    print_run_summary(run_dir_for(uc.name, result["run_id"]), result, time.monotonic() - t0)
+    print_run_summary(RunDir.for_run(uc.name, result["run_id"]).path, result, time.monotonic() - t0)
     ok = result["state"].endswith("success")
     if args.ui:
         return cmd_ui(args)
@@ -345,7 +346,7 @@ def cmd_ui(args) -> int:
 def cmd_rollback(args) -> int:
     import getpass
 
-    from retrain.deploy import run_rollback
+    from retrain.registry.deploy import run_rollback
 
     _print(run_rollback(args.use_case, to_version=args.to_version, reason=args.reason,
                         actor=f"cli:{getpass.getuser()}"))
@@ -353,7 +354,8 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_registry(args) -> int:
-    from retrain import db, registry
+    from retrain import db
+    from retrain.registry import store as registry
 
     load_use_case(args.use_case)
     with db.connection() as conn:
@@ -363,7 +365,7 @@ def cmd_registry(args) -> int:
 
 
 def cmd_backup(args) -> int:
-    from retrain import backup
+    from retrain.backup import operations as backup
 
     if args.action == "list":
         result = backup.list_backups(args.use_case)
@@ -391,19 +393,19 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from retrain import pipeline
+    from retrain import stages
 
-    _print(pipeline.score_split(args.run_dir, args.split, tuple(args.model or ("base", "candidate"))))
+    _print(stages.score_split(args.run_dir, args.split, tuple(args.model or ("base", "candidate"))))
     return 0
 
 
 def cmd_stage(args) -> int:
-    from retrain import pipeline
+    from retrain import stages
 
     if args.command == "prepare":
-        result = pipeline.prepare_run(args.use_case, args.run_id, _parse_params(args.param))
+        result = stages.prepare_run(args.use_case, args.run_id, _parse_params(args.param))
     else:
-        result = {"collect": pipeline.collect, "build": pipeline.build, "validate": pipeline.validate}[args.command](
+        result = {"collect": stages.collect, "build": stages.build, "validate": stages.validate}[args.command](
             args.run_dir
         )
     _print(result)

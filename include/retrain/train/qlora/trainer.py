@@ -1,4 +1,4 @@
-"""The QLoRA / LoRA trainer: ``python -m retrain.train.qlora --run-dir DIR [--resume auto]``.
+"""The QLoRA / LoRA trainer: ``python -m retrain.train.qlora.trainer --run-dir DIR [--resume auto]``.
 
 Runs as its own process (launched by ``retrain.train.launch.train_qlora``) so that GPU memory is returned
 when it exits, a crash cannot take the Airflow worker down, and ``accelerate launch`` can run it data-parallel.
@@ -764,13 +764,13 @@ def build_trainer(
 def train(run_dir: str | Path, *, resume: str = "auto", overrides: dict | None = None) -> dict:
     """Train the candidate for a prepared run directory; returns what is written to train_result.json."""
     started = time.time()
-    from retrain.models import resolve_base_model
-    from retrain.pipeline import load_run
-    from retrain.train.config import compute_dtype_name, read_overrides_file, run_fingerprint, spec_from_use_case
+    from retrain.evaluate.models import resolve_base_model
+    from retrain.rundir import load_run
+    from retrain.train.spec import compute_dtype_name, run_fingerprint, spec_for_run
 
     run_dir = Path(run_dir).resolve()
     uc, meta = load_run(run_dir)
-    spec = spec_from_use_case(uc.training, {**read_overrides_file(run_dir), **(overrides or {})})
+    spec = spec_for_run(run_dir, overrides)
     out = run_dir / CANDIDATE
     checkpoints = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
@@ -933,7 +933,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrain.train.qlora", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m retrain.train.qlora.trainer", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True, help="prepared run directory (run_config.json, train/val.jsonl)")
     parser.add_argument(
         "--resume", default="auto",

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from retrain.config import UseCase
+from retrain.schemas.use_case import UseCase
 
 # Share of rows carrying personal data, and the feedback mix of well-formed rows (seed 004's production
 # feedback loop: most predictions are accepted, a human fixes some, rejects a few).
@@ -51,7 +51,7 @@ def _pick(rng: random.Random, seq):
 
 
 # --- personal data -----------------------------------------------------------------------------------
-# Every format below is matched by retrain.scrub.PII_PATTERNS (tests assert it row by row).
+# Every format below is matched by retrain.data.scrub.PII_PATTERNS (tests assert it row by row).
 
 _FIRST = ("ana", "maria", "lucia", "carmen", "javier", "pablo", "diego", "sofia", "john", "emily", "michael",
           "sarah", "david", "laura", "carlos", "elena", "james", "olivia", "raul", "marta")
@@ -793,7 +793,7 @@ def _builder(name: str):
     except KeyError:
         raise ValueError(
             f"no synthetic traffic generator for use case '{name}' (supported: {', '.join(supported_use_cases())}); "
-            "load real production_examples instead, or add a row builder to retrain.synthetic"
+            "load real production_examples instead, or add a row builder to retrain.data.synthetic"
         ) from None
 
 
