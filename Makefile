@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-dry ui test test-all bench lint clean-state
+.PHONY: install demo demo-dry ui stack test test-all bench lint clean-state
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo-dry: $(STAMP)
 ## The Airflow UI (airflow standalone) with the DAGs ready to trigger.
 ui: $(STAMP)
 	$(BIN)/retrain ui
+
+## Production's process list (docker-compose.yaml) natively, no Docker: PostgreSQL metadata DB, Redis, CeleryExecutor,
+## api-server, scheduler, dag-processor, triggerer, a default and a `gpu` Celery worker, S3. Ctrl-C stops it all.
+stack: $(STAMP)
+	$(BIN)/retrain stack
 
 ## Default test run: everything except tests marked slow.
 test: $(STAMP)

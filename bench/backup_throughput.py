@@ -14,8 +14,10 @@ medians. Prints the throughput ratio backup/plain (target >= 0.9) and each side'
     .venv/bin/python bench/backup_throughput.py                  # 2 GiB, one round
     .venv/bin/python bench/backup_throughput.py --size 256M --rounds 3 --drill
 
-The children set RETRAIN_S3_CONN_ID= and RETRAIN_BACKUP_KEY_CONN_ID= so no Airflow import inflates the RSS of
-the backup side (inside an Airflow worker that import is paid by every task anyway).
+The children set RETRAIN_S3_CONN_ID=, RETRAIN_BACKUP_KEY_CONN_ID= and RETRAIN_DB_CONN_ID= so no Airflow import
+inflates the RSS of the backup side (inside an Airflow worker that import is paid by every task anyway). backup_run
+pins each backup's manifest digest in PostgreSQL: without RETRAIN_DATABASE_URL the parent starts an embedded server
+in its temporary directory and creates the tables before the timed children run.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def child(side: str, path: str, endpoint: str) -> None:
     import boto3  # noqa: F401 - imported before the baseline RSS is taken, on both sides alike
     from botocore.config import Config
 
-    if side == "backup":
+    if side in ("backup", "drill"):
+        import psycopg2  # noqa: F401 - the backup version pin goes to PostgreSQL
+
         from retrain.backup import operations as backup  # noqa: F401
 
     idle_rss = _vm("VmRSS")
@@ -163,10 +167,18 @@ def main() -> None:
     endpoint = f"http://127.0.0.1:{port}"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1", "RETRAIN_S3_ENDPOINT_URL": endpoint, "RETRAIN_S3_BUCKET": BUCKET,
-           "RETRAIN_S3_CONN_ID": "", "RETRAIN_BACKUP_KEY_CONN_ID": "",
+           "RETRAIN_S3_CONN_ID": "", "RETRAIN_BACKUP_KEY_CONN_ID": "", "RETRAIN_DB_CONN_ID": "",
            "RETRAIN_BACKUP_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
     env.pop("RETRAIN_BACKUP_KMS_KEY_ID", None)
     tmp = Path(tempfile.mkdtemp(prefix="bench-backup-"))
+    pg_dir = None
+    if not env.get("RETRAIN_DATABASE_URL"):  # backup_run records each backup's manifest digest in PostgreSQL
+        from retrain.db import connection, ensure_schema, start_embedded
+
+        pg_dir = tmp / "postgres"
+        env["RETRAIN_DATABASE_URL"] = start_embedded(pg_dir)
+        with connection(env["RETRAIN_DATABASE_URL"]) as conn:  # tables created outside the timed children
+            ensure_schema(conn)
     moto = _start_moto(port)
     try:
         data = tmp / "model.safetensors"
@@ -232,6 +244,10 @@ def main() -> None:
             moto.wait(timeout=10)
         except subprocess.TimeoutExpired:
             moto.kill()
+        if pg_dir is not None:
+            from retrain.db import stop_embedded
+
+            stop_embedded(pg_dir)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

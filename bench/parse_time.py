@@ -4,8 +4,8 @@ Airflow 3's DAG processor parses each file in a fresh child of a process that al
 trial here forks a child from a warm parent and times one DagBag fill of a single file. Compared in one run:
 
 * ours      — dags/retrain_use_cases.py (one DAG per use-case YAML);
-* baseline  — a file that builds the same number of DAGs with the same TaskFlow task ids, dependencies and
-              Params, but every task body is empty and nothing is imported from our package or read from disk
+* baseline  — a file that builds the same number of DAGs with the same 17 task ids, dependencies, branches and
+              15-field trigger form, but every task body is empty and nothing is imported from our package or read from disk
               ("empty DAGs" of the same shape: the ratio is then what our wiring, imports and YAML reads cost);
 * minimal   — one DAG with one empty @task (printed for reference).
 
@@ -50,23 +50,65 @@ SAME_SHAPE = textwrap.dedent(
     """
     from datetime import datetime, timedelta
     from airflow.sdk import Param, chain, dag, task
+    from airflow.sdk.bases.operator import BaseOperator
+
+    def noop(*a, **k):
+        return None
+
+    # The trigger form's shape: 15 fields, the same types, bounds and descriptions as RunParams generates.
+    def form():
+        n = ["null", "number"]
+        return {{
+            "dry_run": Param(False, type="boolean", title="Dry run", description="d" * 60, section="Run"),
+            "force_retrain": Param(False, type="boolean", title="Force", description="d" * 60, section="Run"),
+            "sample_limit": Param(None, type=["null", "integer"], minimum=1, maximum=10**7, title="t",
+                                  description="d" * 60, section="Run"),
+            "backend": Param("qlora", type=["null", "string"], enum=[None, "qlora", "openai"], title="t",
+                             description="d" * 60, section="Training"),
+            "base_model": Param(None, type=["null", "string"], maxLength=500, title="t", description="d" * 200,
+                                section="Training"),
+            "adapter": Param("qlora", type=["null", "string"], enum=[None, "qlora", "lora"], title="t",
+                             description="d" * 60, section="Training"),
+            "max_train_steps": Param(None, type=["null", "integer"], minimum=1, maximum=100000, title="t",
+                                     description="d" * 60, section="Training"),
+            "training_overrides": Param(None, type=["null", "object"], title="t", description="d" * 150,
+                                        section="Training"),
+            "max_cost_usd": Param(10.0, type=n, minimum=0, maximum=1000, title="t", description="d" * 60,
+                                  section="Training"),
+            "min_score": Param(0.85, type=n, minimum=0, maximum=1, title="t", description="d" * 60, section="G"),
+            "min_relative_improvement": Param(0.1, type=n, minimum=-1, maximum=10, title="t", description="d" * 60,
+                                              section="G"),
+            "max_p95_latency_regression": Param(0.25, type=n, minimum=0, maximum=10, title="t", description="d",
+                                                section="G"),
+            "min_json_validity": Param(0.95, type=n, minimum=0, maximum=1, title="t", description="d", section="G"),
+            "require_significance": Param(False, type=["null", "boolean"], title="t", description="d", section="G"),
+            "gate_override_reason": Param(None, type=["null", "string"], maxLength=500, title="t",
+                                          description="d" * 200, section="G"),
+        }}
 
     for name in {names!r}:
         @dag(dag_id="retrain_" + name, schedule="0 3 1 * *", start_date=datetime(2026, 1, 1), catchup=False,
-             max_active_runs=1, tags=["retrain", name], doc_md="x" * 2000,
-             default_args={{"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True}},
-             params={{"backend": Param("qlora", type="string", enum=["qlora", "openai"]),
-                     "base_model": Param("", type="string"),
-                     "sample_limit": Param(None, type=["null", "integer"], minimum=1),
-                     "dry_run": Param(False, type="boolean"),
-                     "min_score": Param(0.85, type="number", minimum=0, maximum=1),
-                     "min_relative_improvement": Param(0.1, type="number"),
-                     "max_p95_latency_regression": Param(0.25, type="number"),
-                     "min_json_validity": Param(0.95, type="number"),
-                     "require_significance": Param(False, type="boolean")}})
+             max_active_runs=1, tags=["retrain", name], doc_md="x" * 3000, is_paused_upon_creation=True,
+             default_args={{"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
+                           "execution_timeout": timedelta(hours=1)}},
+             params=form(), render_template_as_native_obj=True)
         def shaped():
-            ids = ["prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset"]
-            chain(*[task(task_id=i)(lambda: None)() for i in ids])
+            t = {{i: task(task_id=i)(noop) for i in ["prepare_run", "collect_examples", "build_dataset",
+                  "validate_dataset", "report_dataset", "train_qlora", "register_candidate", "evaluate_candidate",
+                  "deploy_model", "reject_candidate", "backup_to_s3", "verify_backup", "prune_backups", "cleanup"]}}
+            run = t["prepare_run"]()
+            validated = t["validate_dataset"](run)
+            chain(run, t["collect_examples"](run), t["build_dataset"](run), validated)
+            validated >> t["report_dataset"](run)
+            trained = [t["train_qlora"](run), BaseOperator(task_id="train_openai")]
+            validated >> task.branch(task_id="choose_backend")(noop)(run) >> trained
+            registered = t["register_candidate"]()
+            trained >> registered
+            outcome = [t["deploy_model"](run), t["reject_candidate"](run)]
+            chain(registered, t["evaluate_candidate"](run), task.branch(task_id="decide")(noop)(run), outcome)
+            backup = t["backup_to_s3"]()
+            outcome >> backup
+            chain(backup, t["verify_backup"](run), t["prune_backups"](run), t["cleanup"](run))
         globals()["d_" + name] = shaped()
     """
 )

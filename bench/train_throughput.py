@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def examples(n: int, seed: int = 0) -> list[dict]:
     """product_intent chat examples as prompt/completion pairs (the run-directory contract, no database)."""
     from retrain.schemas.use_case import load_use_case
     from retrain.data.synthetic import generate_rows
-    from retrain.train.qlora.trainer import to_prompt_completion
+    from retrain.train.qlora.data import to_prompt_completion
 
     uc = load_use_case("product_intent")
     out = []
@@ -87,10 +88,6 @@ def tiny_model(directory: Path, rows: list[dict]) -> str:
     return str(directory)
 
 
-STOCK_LM_HEAD_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
-_STOCK_USE_TRITON = None  # trl.trainer.utils._use_triton as TRL ships it (set in main, before any patch)
-
-
 class _Meter:
     """TrainerCallback timing steps 2..N and reading TRL's real-token counter at both ends."""
 
@@ -114,22 +111,25 @@ class _Meter:
 
 def run_side(side: str, base: str, rows: list[dict], spec, steps: int, out: Path) -> dict:
     import torch
+
+    from retrain.train.qlora.cpu import cpu_speedups
+
+    cuda = torch.cuda.is_available()
+    # Our trainer narrows TRL's CPU logits tiles (a memory fix) and scores only the completion positions on the
+    # CPU (a speed fix), inside cpu_speedups() as the trainer process does; stock keeps TRL's own behaviour.
+    # Both sides run in this process: the block restores TRL's originals when our side ends.
+    with cpu_speedups() if side == "ours" and not cuda else nullcontext():
+        return _run_side(side, base, rows, spec, steps, out, cuda=cuda)
+
+
+def _run_side(side: str, base: str, rows: list[dict], spec, steps: int, out: Path, *, cuda: bool) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from retrain.train.qlora import trainer as qlora
 
-    import trl.trainer.utils as trl_utils
-
-    cuda = torch.cuda.is_available()
-    # Our trainer narrows TRL's CPU logits tiles (a memory fix) and scores only the completion positions on the
-    # CPU (a speed fix); stock keeps TRL's own behaviour. Both sides run in this process: reset before each.
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = STOCK_LM_HEAD_TILE
-    trl_utils._use_triton = _STOCK_USE_TRITON
-    if side == "ours" and not cuda:
-        qlora.smaller_lm_head_tiles_on_cpu()
-        qlora.score_only_labelled_tokens_on_cpu()
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = qlora.load_model(base, spec, cuda=cuda)
     ref: list = [None]
@@ -187,13 +187,9 @@ def main() -> None:
     datasets.disable_progress_bars()
     from transformers import AutoTokenizer
 
-    global _STOCK_USE_TRITON
-    import trl.trainer.utils as trl_utils
-
-    _STOCK_USE_TRITON = trl_utils._use_triton
     from retrain.evaluate.models import resolve_base_model
     from retrain.schemas.training import parse_spec
-    from retrain.train.qlora.trainer import drop_too_long
+    from retrain.train.qlora.data import drop_too_long
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -5,13 +5,18 @@ Manual DAG (no schedule). Trigger it with:
 
 * **backup_id** — `<use_case>/<run>`, e.g. `product_intent/scheduled__2026-11-01T03_00_00_00_00`
   (`retrain backup list --use-case product_intent` prints them, newest first);
-* **target_dir** — where to unpack; empty = `$RETRAIN_HOME/restores/<backup_id>`. Must be new or empty unless
-  **overwrite** is set (then the directory is replaced as a whole).
+* **target_dir** — where to unpack; empty = `$RETRAIN_HOME/restores/<backup_id>`. Must lie under the restore root
+  `$RETRAIN_HOME/restores/` (or a directory listed in `RETRAIN_RESTORE_ROOTS`): the DAGs and plugins folders,
+  `$RETRAIN_HOME` itself, its models, runs and database, `..` and symlinks leading elsewhere are refused before
+  anything is downloaded. Must be new or empty unless **overwrite** is set (then the directory, inside the root,
+  is replaced as a whole).
 
 Tasks:
 
-1. **check_backup** reads the manifest, unwraps the data key with the configured master key (or AWS KMS) and
-   checks the manifest's MAC and the archive size — a wrong key or a missing/incomplete backup fails here, fast;
+1. **check_backup** checks the target directory first, then reads the manifest, unwraps the data key with the
+   configured master key (or the configured AWS KMS key only) and checks the manifest's MAC, that it is the latest
+   version recorded for that id, and the archive size — a bad target, a wrong key, a rolled-back or a
+   missing/incomplete backup fails here, fast;
 2. **restore** downloads the archive, authenticates every AES-256-GCM chunk, checks the SHA-256 of the ciphertext
    and of every file against the manifest, and only then moves the unpacked directory into place. A tampered,
    truncated or mismatched backup fails without retries and leaves no partial files.
@@ -68,7 +73,9 @@ def _call(fn, *args, **kwargs) -> dict:
             description="<use_case>/<run>, as printed by `retrain backup list --use-case <name>`",
         ),
         "target_dir": Param(
-            "", type="string", description="directory to restore into; empty = $RETRAIN_HOME/restores/<backup_id>"
+            "", type="string",
+            description="directory to restore into, under $RETRAIN_HOME/restores/ (or RETRAIN_RESTORE_ROOTS); "
+                        "empty = $RETRAIN_HOME/restores/<backup_id>"
         ),
         "overwrite": Param(False, type="boolean", description="replace target_dir if it is not empty"),
     },
@@ -77,9 +84,10 @@ def _call(fn, *args, **kwargs) -> dict:
 def restore_backup():
     @task(execution_timeout=timedelta(minutes=5))
     def check_backup(params=None) -> dict:
-        from retrain.backup.operations import describe_backup
+        from retrain.backup.operations import check_restore
 
-        return _call(describe_backup, params["backup_id"])
+        return _call(check_restore, params["backup_id"], params["target_dir"] or None,
+                     overwrite=params["overwrite"])
 
     @task
     def restore(checked: dict, params=None) -> dict:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag
 
 from retrain.dagspec import use_case_specs
+from retrain.dagtasks import step
+from retrain.settings import retry_delay_seconds
 
 _USE_CASES = [s["_file_stem"] for s in use_case_specs()]
 _use_case_schema = {"enum": _USE_CASES} if _USE_CASES else {}
@@ -37,7 +39,7 @@ _use_case_schema = {"enum": _USE_CASES} if _USE_CASES else {}
     default_args={
         "owner": "ml-platform",
         "retries": 2,
-        "retry_delay": timedelta(seconds=30),
+        "retry_delay": timedelta(seconds=min(30.0, retry_delay_seconds())),
         "retry_exponential_backoff": True,
         "execution_timeout": timedelta(minutes=30),  # may copy a model back from its training run
     },
@@ -53,22 +55,15 @@ _use_case_schema = {"enum": _USE_CASES} if _USE_CASES else {}
     tags=["retrain", "ops", "rollback"],
 )
 def rollback_model():
-    @task
+    # step = @task whose body fails at once (no retries) on what a retry cannot change (nothing to roll back to,
+    # a wrong version number); database outages still get the retries.
+    @step
     def rollback(params=None, dag_run=None, run_id=None) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from retrain.schemas.use_case import ConfigError
         from retrain.registry.deploy import run_rollback
-        from retrain.registry.store import RegistryError
 
         actor = getattr(dag_run, "triggering_user_name", None) or "airflow"
-        try:
-            return run_rollback(params["use_case"], to_version=params.get("to_version"), reason=params["reason"],
-                                actor=actor, run_id=run_id)
-        except (RegistryError, ConfigError) as exc:
-            # Nothing to roll back to, or a wrong version number: retrying cannot change that. Database outages
-            # still get the retries.
-            raise AirflowFailException(str(exc)) from exc
+        return run_rollback(params["use_case"], to_version=params.get("to_version"), reason=params["reason"],
+                            actor=actor, run_id=run_id)
 
     rollback()
 

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 URL_PREFIX = "/retrain"
 # Report-like files only: run directories also hold datasets (scrubbed production text) and model weights.
 SERVED_SUFFIXES = {".html", ".htm", ".md", ".png", ".jpg", ".jpeg", ".svg", ".gif", ".json", ".css", ".txt",
-                   ".csv", ".log"}
+                   ".csv", ".log",
+                   # the Data Docs' own fonts and icon (retrain.data.datadocs vendors them: no CDN; never .js)
+                   ".woff2", ".otf", ".ico"}
 REPORT_CSP = ("sandbox allow-same-origin allow-downloads; script-src 'none'; object-src 'none'; "
               "default-src 'self' data:; style-src 'self' 'unsafe-inline'")
 PAGE_CSP = "default-src 'self'; script-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
@@ -98,40 +100,17 @@ def _use_cases() -> list[dict]:
             "backend": uc.training.backend,
             "base_model": uc.training.base_model,
             "thresholds": uc.thresholds.model_dump(mode="json"),
+            "approval": uc.approval,
         })
     return out
 
 
-def _registry(conn, use_case: str | None) -> list[dict]:
-    sql = """
-        SELECT use_case, version, backend, base_model, artifact, run_id, metrics, decision, status,
-               created_at, updated_at
-        FROM (SELECT *, row_number() OVER (PARTITION BY use_case ORDER BY version DESC) AS n FROM model_versions
-              WHERE %(uc)s::text IS NULL OR use_case = %(uc)s) v
-        WHERE n <= %(limit)s
-        ORDER BY use_case, version DESC"""
-    cols = ("use_case", "version", "backend", "base_model", "artifact", "run_id", "metrics", "decision", "status",
-            "created_at", "updated_at")
-    with conn.cursor() as cur:
-        cur.execute(sql, {"uc": use_case, "limit": HISTORY_LIMIT})
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-    for r in rows:
-        r["created_at"], r["updated_at"] = _iso(r["created_at"]), _iso(r["updated_at"])
-    return rows
-
-
-def _iso(ts) -> str | None:
-    return ts.isoformat() if ts is not None else None
-
-
-def _file_link(run_dir: str | Path | None, *parts: str) -> str | None:
+def _file_link(file: Path) -> str | None:
     """URL of a file of a run directory if it exists and lies under $RETRAIN_HOME/runs."""
     from retrain.settings import runs_dir
 
-    if not run_dir:
-        return None
     root = runs_dir().resolve()
-    path = Path(run_dir, *parts).resolve()
+    path = Path(file).resolve()
     if not path.is_file() or not path.is_relative_to(root):
         return None
     return f"{URL_PREFIX}/files/{path.relative_to(root).as_posix()}"
@@ -142,20 +121,54 @@ def _reports(use_case: str, run_id: str | None, run_dir: str | None) -> dict[str
 
     if not run_id and not run_dir:
         return {}
-    base = run_dir or RunDir.for_run(use_case, run_id).path
+    rd = RunDir(run_dir) if run_dir else RunDir.for_run(use_case, run_id)
     links = {
-        "report": _file_link(base, "evaluation", "report.html"),
-        "report (md)": _file_link(base, "evaluation", "report.md"),
-        "data docs": _file_link(base, "data_docs", "index.html"),
-        "decision": _file_link(base, "decision.json"),
+        "report": _file_link(rd.report_html),
+        "report (md)": _file_link(rd.report_md),
+        "data docs": _file_link(rd.data_docs / "index.html"),
+        "decision": _file_link(rd.decision),
+        "sweep": _file_link(rd.sweep_report_md),
+        "sweep plot": _file_link(rd.sweep_plot),
     }
     return {k: v for k, v in links.items() if v}
+
+
+def _airflow_run_states(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Airflow's own state of each (dag_id, run_id), read from the metadata database of the API server this page
+    runs in. A run killed or failed outside our stages (a worker lost, a task timed out, a run marked failed in
+    the UI) never records its end in pipeline_runs: Airflow's word wins for it."""
+    if not pairs:
+        return {}
+    try:
+        from sqlalchemy import select, tuple_
+
+        from airflow.models.dagrun import DagRun
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            rows = session.execute(select(DagRun.dag_id, DagRun.run_id, DagRun.state)
+                                   .where(tuple_(DagRun.dag_id, DagRun.run_id).in_(pairs))).all()
+    except Exception as exc:  # noqa: BLE001 - the page still shows what pipeline_runs knows
+        log.warning("retrain UI could not read Airflow's run states: %s", exc)
+        return {}
+    return {(dag_id, run_id): str(getattr(state, "value", state)) for dag_id, run_id, state in rows}
+
+
+def _follow_airflow(runs_rows: list[dict]) -> None:
+    """Runs still 'running' in pipeline_runs take Airflow's final state (failed or success) when it has one."""
+    open_runs = [r for r in runs_rows if r.get("status") in (None, "running", "awaiting_approval")]
+    states = _airflow_run_states([(f"retrain_{r['use_case']}", r["run_id"]) for r in open_runs])
+    for r in open_runs:
+        state = states.get((f"retrain_{r['use_case']}", r["run_id"]))
+        if state in ("failed", "success"):
+            r["status"], r["airflow_state"] = state, state
 
 
 def overview(use_case: str | None = None) -> dict:
     """Everything the page shows, as a JSON-able dict (also served at /retrain/api/overview)."""
     from retrain import db
     from retrain.registry import runs
+    from retrain.registry import store as registry
 
     use_cases = [u for u in _use_cases() if use_case is None or u["name"] == use_case]
     data: dict[str, Any] = {
@@ -169,12 +182,9 @@ def overview(use_case: str | None = None) -> dict:
     try:
         with db.connection() as conn:
             # Read-only page: on a fresh install the tables may not exist yet, which is not an error.
-            with conn.cursor() as cur:
-                cur.execute("SELECT to_regclass('model_versions') IS NOT NULL, "
-                            "to_regclass('pipeline_runs') IS NOT NULL")
-                has_registry, has_runs = cur.fetchone()
+            has_registry, has_runs = db.tables_exist(conn, "model_versions", "pipeline_runs")
             if has_registry:
-                data["registry"] = _registry(conn, use_case)
+                data["registry"] = registry.recent_versions(conn, use_case, per_use_case=HISTORY_LIMIT)
             if has_runs:
                 data["runs"] = runs.latest_runs(conn, RUNS_LIMIT, use_case)
     except Exception as exc:  # noqa: BLE001 - the page explains the problem instead of answering a bare 500
@@ -185,8 +195,13 @@ def overview(use_case: str | None = None) -> dict:
     for r in data["registry"]:
         r.update(runs.decision_fields(r.get("decision")) if isinstance(r.get("decision"), dict) else {})
         r["reports"] = _reports(r["use_case"], r.get("run_id"), None)
+    _follow_airflow(data["runs"])
     for r in data["runs"]:
         r["reports"] = _reports(r["use_case"], r["run_id"], r.get("run_dir"))
+        if r.get("status") == "awaiting_approval":  # a GO waiting for a reviewer (retrain.approval)
+            from retrain.approval import ui_path
+
+            r["approval_link"] = ui_path(f"retrain_{r['use_case']}", r["run_id"])
     production = {r["use_case"]: r for r in data["registry"] if r["status"] == "production"}
     latest_run: dict[str, dict] = {}
     for r in data["runs"]:
@@ -348,6 +363,7 @@ Check the <code>retrain_db</code> Airflow connection or <code>RETRAIN_DATABASE_U
       <div class="mono muted">{{ u.production.artifact }}</div>
     {% else %}<span class="muted">none yet (baseline = base model)</span>{% endif %}</span>
    {% if u.production %}<span>Since</span><span>{{ fmt_time(u.production.updated_at) }}</span>{% endif %}
+   <span>Approval</span><span>{{ "a reviewer deploys each GO" if u.approval == "required" else "none (a GO deploys at once)" }}</span>
    <span>Gate</span><span>score ≥ {{ u.thresholds.min_score }}, +{{ (u.thresholds.min_relative_improvement * 100) | round(0) | int }}% vs baseline,
      JSON ≥ {{ u.thresholds.min_json_validity }}</span>
    <span>Last run</span><span>
@@ -355,6 +371,7 @@ Check the <code>retrain_db</code> Airflow connection or <code>RETRAIN_DATABASE_U
       {% if u.latest_run.decision %}<span class="badge {{ decision_class(u.latest_run.decision) }}">{{ u.latest_run.decision }}</span>{% endif %}
       <span class="badge {{ status_class(u.latest_run.status) }}">{{ u.latest_run.status }}</span>
       {{ fmt_time(u.latest_run.started_at) }}
+      {% if u.latest_run.approval_link %}<br><a class="approval" href="{{ u.latest_run.approval_link }}">Deploy or reject in Airflow</a>{% endif %}
     {% else %}<span class="muted">no run recorded</span>{% endif %}</span>
   </div>{% endif %}
  </div>
@@ -373,6 +390,7 @@ Check the <code>retrain_db</code> Airflow connection or <code>RETRAIN_DATABASE_U
       <div class="stages">{% for s, sec in r.stages.items() %}{{ s }} {{ fmt_seconds(sec) }}{% if not loop.last %} · {% endif %}{% endfor %}
       {% if r.stages %}<br>total {{ fmt_seconds(r.total_seconds) }}{% endif %}</div></td>
   <td><span class="badge {{ status_class(r.status) }}">{{ r.status }}</span>
+      {% if r.approval_link %}<div><a class="approval" href="{{ r.approval_link }}">Deploy or reject in Airflow</a></div>{% endif %}
       {% if r.error %}<div class="sub" style="max-width:260px">{{ r.error }}</div>{% endif %}</td>
   <td>{% if r.rows_collected is not none %}{{ r.rows_collected }} collected{% endif %}
       {% if r.rows_rejected is not none %}<br>{{ r.rows_rejected }} rejected{% endif %}</td>
@@ -420,7 +438,8 @@ Check the <code>retrain_db</code> Airflow connection or <code>RETRAIN_DATABASE_U
 
 def status_class(status: str | None) -> str:
     return {"production": "ok", "success": "ok", "candidate": "info", "running": "info", "rejected": "bad",
-            "failed": "bad", "no_go": "warn", "retired": "muted", "dry_run": "muted"}.get(status or "", "muted")
+            "failed": "bad", "no_go": "warn", "retired": "muted", "dry_run": "muted",
+            "awaiting_approval": "warn"}.get(status or "", "muted")
 
 
 def render_page(data: dict, not_retrain_dag: str | None = None) -> str:

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from retrain.backup import archive, crypto
 from retrain.backup import operations as backup
 from retrain.schemas.use_case import load_use_case
 from retrain.data.synthetic import generate_rows
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_A = base64.b64encode(bytes(range(32))).decode()
-KEY_B = "ab" * 32  # hex form
+KEY_B = bytes(range(64, 96)).hex()  # hex form
 
 
 class Moto:
@@ -73,12 +74,14 @@ def moto():
 
 
 @pytest.fixture
-def s3env(moto, monkeypatch):
-    """A fresh bucket and the local master key A; small parts so a ~12 MB file spans several parts."""
+def s3env(moto, monkeypatch, pg_url, tmp_path):
+    """A fresh bucket and the local master key A; small parts so a ~12 MB file spans several parts. Restores may
+    write under the test's tmp_path; backup versions are pinned in the tests' PostgreSQL."""
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("RETRAIN_S3_BUCKET", bucket)
     monkeypatch.setenv("RETRAIN_BACKUP_MASTER_KEY", KEY_A)
     monkeypatch.setenv("RETRAIN_BACKUP_PART_MB", "5")
+    monkeypatch.setenv("RETRAIN_RESTORE_ROOTS", str(tmp_path))
     monkeypatch.delenv("RETRAIN_BACKUP_KMS_KEY_ID", raising=False)
     monkeypatch.delenv("RETRAIN_S3_SSE", raising=False)
     from retrain import s3
@@ -279,7 +282,7 @@ def test_truncation_and_reordering_are_caught_by_the_chunk_format_itself():
     """Even with the size check bypassed, dropping the last whole chunk or swapping two chunks fails the AEAD."""
     data_key = os.urandom(32)
     prefix = os.urandom(7)
-    header = backup._header(1024, prefix, "product_intent/x")
+    header = crypto.header(1024, prefix, "product_intent/x")
 
     class Sink:  # the writer's sink protocol, collecting everything in memory
         def __init__(self):
@@ -295,7 +298,7 @@ def test_truncation_and_reordering_are_caught_by_the_chunk_format_itself():
             self.buf += view
 
     sink = Sink()
-    w = backup._EncryptingWriter(sink, data_key, header, prefix, 1024)
+    w = archive.EncryptingWriter(sink, data_key, header, prefix, 1024)
     w.write(os.urandom(4096 + 100))
     w.finish()
     assert w.chunks == 5
@@ -308,7 +311,7 @@ def test_truncation_and_reordering_are_caught_by_the_chunk_format_itself():
 
         src = io.BytesIO(header + b)
         src.read(len(header))
-        r = backup._DecryptingReader(src, len(header) + len(b), header, data_key, prefix, 1024, "product_intent/x")
+        r = archive.DecryptingReader(src, len(header) + len(b), header, data_key, prefix, 1024, "product_intent/x")
         out = b""
         while chunk := r.read(65536):
             out += chunk
@@ -402,8 +405,7 @@ def test_kms_envelope_and_sse_kms(s3env, run_dir, tmp_path, monkeypatch):
     assert head["ServerSideEncryption"] == "aws:kms"
     manifest = json.loads(s3env["client"].get_object(Bucket=s3env["bucket"], Key=manifest_key)["Body"].read())
     assert manifest["key"]["encryption_context"]["retrain:backup_id"] == r["backup_id"]
-    # Restore goes through KMS Decrypt even with no local key configured at all.
-    monkeypatch.delenv("RETRAIN_BACKUP_KMS_KEY_ID")
+    # Restore goes through KMS Decrypt (with the configured key only) with no local master key at all.
     out = backup.restore_backup(r["backup_id"], tmp_path / "kms")
     assert tree(tmp_path / "kms") == expected_tree(run_dir) and out["key_method"] == "aws-kms"
 
@@ -559,18 +561,18 @@ def test_kms_wrapped_key_under_the_wrong_kms_key_is_refused(s3env, run_dir, tmp_
         return json.dumps(m).encode()
 
     _rewrite(s3env, manifest_key, point_at_other_key)
-    msg = _restore_fails(bid, tmp_path, backup.BackupKeyError, "AWS KMS could not decrypt the data key", other)
-    assert "credentials allowed to decrypt" in msg
+    msg = _restore_fails(bid, tmp_path, backup.BackupKeyError, "names AWS KMS key", other, key_id)
+    assert "RETRAIN_BACKUP_KMS_KEY_ID" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("method", ["local", "kms"])
 def test_no_key_material_in_logs_or_task_results(s3env, run_dir, tmp_path, monkeypatch, caplog, pg_url, method):
     """Every log record at DEBUG (botocore logs whole response bodies there, KMS data keys included) and every
     value the DAG's backup tasks return to XCom is free of master keys and data keys, in any encoding."""
-    from retrain import pipeline, s3
+    from retrain import s3, stages
 
     seen: list[bytes] = []
-    real_new, real_unwrap = backup._new_data_key, backup._unwrap_data_key
+    real_new, real_unwrap = crypto.new_data_key, crypto.unwrap_data_key
 
     def new(*args, **kwargs):
         key, record = real_new(*args, **kwargs)
@@ -582,8 +584,8 @@ def test_no_key_material_in_logs_or_task_results(s3env, run_dir, tmp_path, monke
         seen.append(key)
         return key
 
-    monkeypatch.setattr(backup, "_new_data_key", new)
-    monkeypatch.setattr(backup, "_unwrap_data_key", unwrap)
+    monkeypatch.setattr(crypto, "new_data_key", new)
+    monkeypatch.setattr(crypto, "unwrap_data_key", unwrap)
     if method == "kms":
         monkeypatch.setenv("RETRAIN_BACKUP_KMS_KEY_ID", s3.kms_client().create_key()["KeyMetadata"]["KeyId"])
     make_run(run_dir, big_mb=1, rows=60, run_id=f"keys-{method}")

@@ -128,3 +128,102 @@ def test_parallel_scrubbing_writes_the_same_file_as_serial(db_conn, tmp_path, mo
     assert (tmp_path / "serial.jsonl").read_bytes() == (tmp_path / "parallel.jsonl").read_bytes()
     assert serial["scrubbed"] == parallel["scrubbed"] and serial["skipped"] == parallel["skipped"]
     assert serial["scrubbed"]  # the synthetic traffic plants personal data
+
+
+# --- issue 16: scrub decoded values; late corrections ------------------------------------------------------------
+
+def test_pii_after_json_escapes_is_scrubbed_and_lines_stay_json(db_conn, tmp_path):
+    from retrain.data.scrub import find_pii_in_value
+
+    insert(db_conn, [
+        ("call me\tat 612 345 678", {"recipient": "dad\n4111 1111 1111 1111"}, None, "accepted"),
+        ("x", {"note": "line\nana@example.com", "q": "say \"hi\" to +34 612 345 678"}, None, "accepted"),
+        ("y", {"intent_type": "GIFT"}, {"intent_type": "GIFT", "to": "tab\tjosé@correo.es"}, "corrected"),
+    ])
+    collect_examples(db_conn, "product_intent", "r", tmp_path / "b.jsonl")
+    text = (tmp_path / "b.jsonl").read_text()
+    rows = read(tmp_path / "b.jsonl")  # every line parses
+    assert "4111" not in text and "612" not in text and "ana@" not in text and "josé" not in text
+    assert rows[0]["input"] == "call me\tat [PHONE]"
+    assert rows[0]["label_raw"] == {"recipient": "dad\n[CARD]"}
+    assert rows[1]["label_raw"] == {"note": "line\n[EMAIL]", "q": "say \"hi\" to [PHONE]"}
+    assert rows[2]["label_raw"] == {"intent_type": "GIFT", "to": "tab\t[EMAIL]"}
+    for row in rows:
+        assert find_pii_in_value(row) == []
+
+
+def test_batch_lines_keep_their_fields_and_add_updated_at(db_conn, tmp_path):
+    from datetime import datetime as dt
+
+    insert(db_conn, [("gift for mum", {"intent_type": "GIFT"}, None, "accepted")])
+    collect_examples(db_conn, "product_intent", "r", tmp_path / "b.jsonl")
+    (row,) = read(tmp_path / "b.jsonl")
+    assert list(row) == ["source_id", "input", "label_raw", "feedback", "split", "updated_at"]
+    assert row["updated_at"].endswith("Z") and dt.fromisoformat(row["updated_at"]).tzinfo is not None
+
+
+def _correct(conn, source_id, label):
+    with conn.cursor() as cur:
+        cur.execute("UPDATE production_examples SET corrected_output = %s, feedback = 'corrected' WHERE id = %s",
+                    (Json(label), source_id))
+    conn.commit()
+
+
+def test_late_correction_is_collected_once_and_retries_replay_the_same_window(db_conn, tmp_path):
+    insert(db_conn, [("gift for mum", {"intent_type": "GIFT"}, None, "accepted"),
+                     ("laptop for work", {"intent_type": "GIFT"}, None, "accepted")])
+    first = collect_examples(db_conn, "product_intent", "m1", tmp_path / "m1.jsonl")
+    assert first["rows"] == 2
+    m1 = read(tmp_path / "m1.jsonl")
+
+    _correct(db_conn, 2, {"intent_type": "BUSINESS"})  # a human fixes it after the month was collected
+    # A late row with an old created_at is still collected.
+    with db_conn.cursor() as cur:
+        cur.execute("INSERT INTO production_examples (use_case, input, model_output, feedback, created_at) VALUES "
+                    "('product_intent', 'late row', '{\"intent_type\": \"GIFT\"}', 'accepted', '2020-01-01')")
+    db_conn.commit()
+
+    retry = collect_examples(db_conn, "product_intent", "m1", tmp_path / "m1-retry.jsonl")
+    assert retry["replayed"]
+    # The retry replays m1's window; the corrected row left it (it is newer now) and goes to the next run.
+    assert [r["source_id"] for r in read(tmp_path / "m1-retry.jsonl")] == [1]
+
+    second = collect_examples(db_conn, "product_intent", "m2", tmp_path / "m2.jsonl")
+    m2 = read(tmp_path / "m2.jsonl")
+    assert sorted(r["source_id"] for r in m2) == [2, 3]
+    corrected = next(r for r in m2 if r["source_id"] == 2)
+    assert corrected["label_raw"] == {"intent_type": "BUSINESS"} and corrected["feedback"] == "corrected"
+    assert corrected["updated_at"] > next(r for r in m1 if r["source_id"] == 2)["updated_at"]
+
+    again = collect_examples(db_conn, "product_intent", "m2", tmp_path / "m2-retry.jsonl")
+    assert again["replayed"] and read(tmp_path / "m2-retry.jsonl") == m2
+    third = collect_examples(db_conn, "product_intent", "m3", tmp_path / "m3.jsonl")
+    assert third["rows"] == 0  # exactly once
+
+    # An update that changes nothing the collector reads does not bring the row back.
+    with db_conn.cursor() as cur:
+        cur.execute("UPDATE production_examples SET created_at = created_at WHERE id = 1")
+    db_conn.commit()
+    assert collect_examples(db_conn, "product_intent", "m4", tmp_path / "m4.jsonl")["rows"] == 0
+
+
+def test_watermark_of_the_id_only_collector_continues_where_it_stopped(db_conn, tmp_path):
+    """Rows that predate updated_at sort at the epoch; an old watermark (id only) resumes after its id."""
+    insert(db_conn, [(f"query {i}", {"intent_type": "GIFT"}, None, "accepted") for i in range(4)])
+    with db_conn.cursor() as cur:
+        cur.execute("UPDATE production_examples SET updated_at = 'epoch'")  # as the migration leaves them
+        cur.execute("INSERT INTO collection_watermarks (use_case, created_at, id, run_id) "
+                    "VALUES ('product_intent', now(), 2, 'old')")
+    db_conn.commit()
+    res = collect_examples(db_conn, "product_intent", "new", tmp_path / "n.jsonl")
+    assert [r["source_id"] for r in read(tmp_path / "n.jsonl")] == [3, 4] and res["rows"] == 2
+
+
+def test_schema_is_idempotent(db_conn):
+    from retrain import db
+
+    db.ensure_schema(db_conn)
+    db.ensure_schema(db_conn)
+    with db_conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'production_examples_touch'")
+        assert cur.fetchone()[0] == 1

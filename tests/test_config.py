@@ -7,13 +7,12 @@ import copy
 import pytest
 import yaml
 
+from retrain.schemas.run_params import apply_params, parse_run_params
 from retrain.schemas.use_case import (
     ConfigError,
-    apply_params,
     list_use_cases,
     load_use_case,
     load_use_case_file,
-    parse_run_params,
     parse_use_case,
 )
 
@@ -95,3 +94,32 @@ def test_run_params_override_thresholds_and_reject_bad_values():
         parse_run_params({"sample_limit": 0})
     with pytest.raises(ConfigError, match="unknown field"):
         parse_run_params({"min_scor": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"thresholds__min_score": float("nan")}, "thresholds.min_score: Input should be a finite number"),
+        ({"training__max_cost_usd": float("inf")}, "training.max_cost_usd: Input should be a finite number"),
+        ({"training__max_steps": 10**9}, "training.max_steps=1000000000 is above limits.max_steps=100000"),
+        ({"training__batch_size": 4096}, "training.batch_size=4096 is above limits.batch_size=512"),
+        ({"limits": {"max_step": 5}}, "limits.max_step: unknown field"),
+        ({"thresholds__max_p95_latency_regression": 1e6}, "thresholds.max_p95_latency_regression"),
+        ({"training__allowed_base_models": "smollm2"}, "training.allowed_base_models"),
+    ],
+)
+def test_limits_bounds_and_finiteness_name_the_field(changes, expected):
+    with pytest.raises(ConfigError) as exc:
+        parse_use_case(mutate(**changes), "product_intent.yaml")
+    assert expected in str(exc.value)
+
+
+def test_run_params_reject_nan_and_unknown_and_keep_the_allow_lists():
+    with pytest.raises(ConfigError, match="min_score: Input should be a finite number"):
+        parse_run_params({"min_score": float("nan")})
+    uc = load_use_case("product_intent")
+    assert uc.training.base_models_allowed() == ["smollm2-135m-instruct"]
+    assert uc.training.base_models_allowed("openai") == ["gpt-4o-mini-2024-07-18"]
+    applied = apply_params(uc, parse_run_params({"max_cost_usd": 3.5, "force_retrain": True}))
+    assert applied.training.max_cost_usd == 3.5
+    assert applied.training.allowed_base_models == ["smollm2-135m-instruct"]

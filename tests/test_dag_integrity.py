@@ -43,7 +43,7 @@ def test_every_dag_has_tags_docs_retries_and_no_cycles(dagbag):
 def test_retrain_dag_shape(dagbag, use_case):
     dag = dagbag.dags[f"retrain_{use_case}"]
     assert dag.schedule == "0 3 1 * *" if isinstance(dag.schedule, str) else "0 3 1 * *" in str(dag.timetable)
-    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.catchup is False and dag.max_active_runs == 1 and dag.is_paused_upon_creation is True
     assert {"retrain", use_case} <= set(dag.tags)
     assert dag.doc_md and "collect_examples" in dag.doc_md
     order = [t.task_id for t in dag.topological_sort()]
@@ -53,7 +53,8 @@ def test_retrain_dag_shape(dagbag, use_case):
     assert down["choose_backend"] == ["train_openai", "train_qlora"]
     assert down["train_qlora"] == down["train_openai"] == ["register_candidate"]
     assert down["register_candidate"] == ["evaluate_candidate"] and down["evaluate_candidate"] == ["decide"]
-    assert down["decide"] == ["deploy_model", "reject_candidate"]
+    assert down["decide"] == ["approve_deployment", "deploy_model", "reject_candidate"]
+    assert down["approve_deployment"] == ["deploy_model", "reject_candidate"]  # human approval (tests/test_approval.py)
     assert down["deploy_model"] == down["reject_candidate"] == ["backup_to_s3"]
     assert down["backup_to_s3"] == ["verify_backup"] and down["verify_backup"] == ["prune_backups"]
     assert down["prune_backups"] == ["cleanup"] and down["cleanup"] == []
@@ -63,12 +64,13 @@ def test_retrain_dag_shape(dagbag, use_case):
     assert qlora.queue == "gpu" and qlora.pool == "gpu"
     assert dag.get_task("train_openai").deferrable if hasattr(dag.get_task("train_openai"), "deferrable") else True
     for t in dag.tasks:
+        # Errors a retry cannot fix fail at once (retrain.dagtasks.fail_fast): every task keeps retries for outages.
         assert t.execution_timeout is not None, t.task_id
-        if t.task_id != "validate_dataset":
-            assert t.retries >= 1 and t.retry_exponential_backoff, t.task_id
+        assert t.retries >= 1 and t.retry_exponential_backoff, t.task_id
     params = dag.params
     assert params["backend"] in ("qlora", "openai")
-    assert params["dry_run"] is False and 0 < params["min_score"] <= 1
+    assert params["dry_run"] is False and params["force_retrain"] is False and 0 < params["min_score"] <= 1
+    params.validate()  # the default form is valid (the Trigger button is enabled)
 
 
 def test_trigger_form_rejects_bad_param_types(dagbag):

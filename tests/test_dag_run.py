@@ -144,3 +144,52 @@ def test_sql_injection_and_huge_inputs_pass_through_safely(db_conn):
     with db_conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM production_examples")
         assert cur.fetchone()[0] == 303
+
+
+def _one_label_month(uc, n: int, seed: int, label: str = "GIFT", share: float = 0.9) -> list[dict]:
+    """Next month's traffic where ``share`` of the rows carry one intent (an upstream bug or a campaign)."""
+    from retrain.data.synthetic import generate_rows
+
+    rows = list(generate_rows(uc, n, seed=seed, dirty=0.0, start=datetime.now(timezone.utc)))
+    for i, row in enumerate(rows):
+        if i < share * n:
+            for key in ("model_output", "corrected_output"):
+                if isinstance(row.get(key), dict):
+                    row[key] = {**row[key], "intent_type": label}
+    return rows
+
+
+def test_a_month_where_one_label_dominates_warns_in_the_run_summary(db_conn, dagbag, capsys):
+    from retrain.cli.demo import print_run_summary
+    from retrain.data.synthetic import insert_rows
+
+    uc = load_use_case("product_intent")
+    seed_examples(db_conn, uc, 600, seed=21, dirty=0.0)
+    dag = dagbag.dags["retrain_product_intent"]
+    assert str(dag.test(run_conf={"dry_run": True}).state).endswith("success")
+    insert_rows(db_conn, uc.name, _one_label_month(uc, 400, seed=22))
+    run = dag.test(run_conf={"dry_run": True})
+    assert str(run.state).endswith("success")  # drift warns by default (data.drift.action: warn)
+    run_dir = RunDir.for_run("product_intent", run.run_id).path
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["drift"]["status"] in ("warn", "fail") and summary["drift"]["warnings"], summary["drift"]
+    assert any("intent_type" in w for w in summary["drift"]["warnings"])
+    print_run_summary(run_dir, {"dag_id": dag.dag_id, "run_id": run.run_id, "state": "success", "seconds": 1}, 1.0)
+    assert "DRIFT        : intent_type" in capsys.readouterr().out
+
+
+def test_a_month_with_nothing_new_does_not_train(db_conn, dagbag):
+    from retrain.registry import runs
+
+    uc = load_use_case("product_intent")
+    seed_examples(db_conn, uc, 400, seed=31, dirty=0.0)
+    dag = dagbag.dags["retrain_product_intent"]
+    assert str(dag.test(run_conf={"dry_run": True}).state).endswith("success")
+    run = dag.test(run_conf={"dry_run": False})  # no new rows since: the branch stops before training
+    st = states(run)
+    assert st["choose_backend"] == "success" and str(run.state).endswith("success")
+    assert {st[t] for t in ("train_qlora", "train_openai", "register_candidate", "decide", "backup_to_s3")} == {"skipped"}
+    rows = runs.latest_runs(db_conn, 10, "product_intent")
+    row = next(r for r in rows if r["run_id"] == run.run_id)
+    assert row["status"] == "no_new_data", [(r["run_id"], r["status"], r["stages"]) for r in rows]
+    assert row["status"] == "no_new_data" and "force_retrain" in (row["error"] or "") + json.dumps(row)

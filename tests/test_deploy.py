@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from retrain import db
 from retrain.registry import deploy
 
 from retrain.registry import store as registry
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+
 def home(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "home"
     monkeypatch.setenv("RETRAIN_HOME", str(path))
@@ -28,7 +30,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def conn(db_conn, home):
-    registry.ensure_registry_schema(db_conn)
+    db.ensure_schema(db_conn)
     with db_conn.cursor() as cur:
         cur.execute("TRUNCATE model_events RESTART IDENTITY")
     db_conn.commit()
@@ -44,6 +46,11 @@ def fake_merged(root: Path, name: str) -> Path:
     return d
 
 
+def _publish(use_case, version, merged_dir, *, run_id=None):
+    """The file side of a deploy (what deploy.deploy does inside the registry transaction)."""
+    return deploy.stage_version(use_case, version, merged_dir, run_id=run_id) | deploy.switch_production(use_case, version)
+
+
 def served(use_case: str = UC) -> str:
     return (deploy.production_link(use_case) / "model.safetensors").read_bytes()[:20].decode()
 
@@ -54,9 +61,9 @@ def _train(conn, tmp_path, name, backend="qlora"):
                                        base_model="smollm2-135m-instruct", artifact=artifact)["version"]
 
 
-def test_deploy_local_switches_the_alias_atomically_and_keeps_old_versions(home, tmp_path):
+def test_publishing_switches_the_alias_atomically_and_keeps_old_versions(home, tmp_path):
     m1, m2 = fake_merged(tmp_path, "month1"), fake_merged(tmp_path, "month2")
-    first = deploy.deploy_local(UC, 1, m1)
+    first = _publish(UC, 1, m1)
     assert first["copied"] and first["switched"] and first["previous_target"] is None
     link = deploy.production_link(UC)
     assert link == home / "models" / UC / "production" and os.readlink(link) == "versions/v1"
@@ -84,26 +91,26 @@ def test_deploy_local_switches_the_alias_atomically_and_keeps_old_versions(home,
         t.join()
     assert misses == []
 
-    second = deploy.deploy_local(UC, 2, m2)
+    second = _publish(UC, 2, m2)
     assert os.readlink(link) == "versions/v2" and served().startswith("month2")
     assert second["copied"] is False  # staged above
     assert (home / "models" / UC / "versions" / "v1" / "model.safetensors").read_bytes().startswith(b"month1")
-    retry = deploy.deploy_local(UC, 2, m2)
+    retry = _publish(UC, 2, m2)
     assert (retry["copied"], retry["switched"], retry["previous_target"]) == (False, False, "versions/v2")
     assert not [p.name for p in link.parent.iterdir() if ".tmp" in p.name]  # no temp names left behind
 
 
 def test_a_stale_version_dir_from_another_registry_is_replaced(home, tmp_path):
-    deploy.deploy_local(UC, 1, fake_merged(tmp_path, "old-db"))
+    _publish(UC, 1, fake_merged(tmp_path, "old-db"))
     # The database was recreated and v1 now means another model: serve what the registry says.
-    out = deploy.deploy_local(UC, 1, fake_merged(tmp_path, "new-db"))
+    out = _publish(UC, 1, fake_merged(tmp_path, "new-db"))
     assert out["copied"] is True and served().startswith("new-db")
     assert sorted(p.name for p in (home / "models" / UC / "versions").iterdir()) == ["v1"]
 
 
 def test_deploy_refuses_a_missing_model_with_a_clear_message(home, tmp_path):
     with pytest.raises(DeployError, match="is not a saved model \\(no config.json\\).*re-run train_candidate"):
-        deploy.deploy_local(UC, 1, tmp_path / "nope")
+        _publish(UC, 1, tmp_path / "nope")
     assert not deploy.production_link(UC).exists()
 
 

@@ -127,7 +127,8 @@ def test_gpu_worker_listens_on_gpu_queue_and_reserves_nvidia_devices(compose):
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), devices
     assert gpu["build"]["args"]["TORCH_VARIANT"].startswith("${RETRAIN_GPU_TORCH_VARIANT:-cu")
-    assert gpu["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
+    # One worker process per `gpu` pool slot: both come from RETRAIN_GPU_POOL_SLOTS (default 1).
+    assert gpu["environment"]["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "${RETRAIN_GPU_POOL_SLOTS:-1}"
     # The CPU worker must not silently take training tasks on a GPU host.
     cpu_cmd = compose["services"]["airflow-worker"]["command"]
     assert "gpu" not in cpu_cmd and cpu_cmd.startswith("celery worker")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.schemas.run_params import apply_params, parse_run_params
+from retrain.schemas.use_case import load_use_case
 from retrain.evaluate.gate import decide, decision_text
 from retrain.evaluate.report import write_decision
 from retrain.evaluate.metrics import compare, score_predictions
@@ -52,7 +53,7 @@ def test_good_candidate_goes_and_lists_every_check():
     assert d["decision"] == "GO", d["summary"]
     assert [c["name"] for c in d["checks"]] == ["min_score", "min_relative_improvement",
                                                "max_p95_latency_regression", "min_json_validity",
-                                               "require_significance"]
+                                               "require_significance", "max_slice_regression"]
     for c in d["checks"]:
         assert set(c) == {"name", "value", "threshold", "passed", "required", "reason"}
         assert c["reason"]
@@ -210,3 +211,51 @@ def test_decide_run_reads_metrics_and_writes_decision_and_report(tmp_path):
     assert (tmp_path / "evaluation" / "report.html").is_file()
     assert out["text"].startswith("GO — product_intent")
     assert len(json.dumps(out)) < 4000   # small enough for XCom
+
+
+def test_gate_overrides_are_recorded_in_the_decision_and_its_text():
+    uc = load_use_case("product_intent")
+    golds = [GOLD] * N
+    base, cand = score_predictions(uc, golds, _preds(24)), score_predictions(uc, golds, _preds(38))
+    overrides = [{"threshold": "min_score", "floor": 0.85, "value": 0.5, "by": "alice", "reason": "incident 42"}]
+    d = decide(uc, compare(uc, base, cand), baseline_kind="production", overrides=overrides)
+    assert d["overrides"] == overrides
+    note = "threshold min_score loosened from 0.85 to 0.5 by alice: incident 42"
+    assert note in d["summary"] and f"[OVERRIDE] {note}" in decision_text(d)
+    plain = decide(uc, compare(uc, base, cand), baseline_kind="production")
+    assert plain["overrides"] == [] and "OVERRIDE" not in decision_text(plain)
+
+
+def _with_slices(comparison: dict, worst: dict | None) -> dict:
+    return {**comparison, "analysis": {"slices": [worst] if worst else [], "worst_slice_regression": worst}}
+
+
+def test_a_candidate_that_loses_a_slice_against_production_is_refused():
+    from retrain.evaluate.metrics import compare, score_predictions
+
+    uc = apply_params(load_use_case("product_intent"), parse_run_params({"max_slice_regression": 0.05}))
+    golds = [GOLD] * N
+    base = score_predictions(uc, golds, _preds(30))
+    cand = score_predictions(uc, golds, _preds(38))
+    worst = {"slice": "language", "value": "es", "n": 12, "baseline": 0.9, "candidate": 0.7, "delta": -0.2,
+             "gated": True}
+    d = decide(uc, _with_slices(compare(uc, base, cand), worst), baseline_kind="production")
+    check = _check(d, "max_slice_regression")
+    assert d["decision"] == "NO-GO" and check["required"] and not check["passed"]
+    assert "language=es" in check["reason"] and "0.200" in check["reason"]
+    # The same loss on a first run (base model baseline) is reported, not gated.
+    d = decide(uc, _with_slices(compare(uc, base, cand), worst), baseline_kind="base_model")
+    assert _check(d, "max_slice_regression")["required"] is False and d["decision"] == "GO"
+
+
+def test_no_slice_threshold_reports_the_worst_slice_only():
+    from retrain.evaluate.metrics import compare, score_predictions
+
+    uc = load_use_case("product_intent")
+    golds = [GOLD] * N
+    base, cand = score_predictions(uc, golds, _preds(30)), score_predictions(uc, golds, _preds(38))
+    worst = {"slice": "input_length", "value": "long (200+)", "n": 6, "baseline": 1.0, "candidate": 0.5,
+             "delta": -0.5, "gated": True}
+    d = decide(uc, _with_slices(compare(uc, base, cand), worst), baseline_kind="production")
+    check = _check(d, "max_slice_regression")
+    assert not check["required"] and "info only" in check["reason"] and d["decision"] == "GO"

@@ -207,3 +207,324 @@ def test_guided_engine_on_real_smollm2_batched_equals_one_by_one_and_answers_fol
         elif "{" in text:  # inside the object only the budget ends an answer, never the end-of-sequence token
             assert len(ids) == 72 and not set(ids) & set(engine.eos_ids), text
     assert closed >= 1, [engine.decode(i) for i in batched]
+
+
+# --- string values are checked DECODED: escapes, lengths, keys, const ------------------------------------
+# Real customer-support labels (77 snake_case values sharing prefixes); the three strings are answers the old cursor
+# let through: an escape (\u03c2, \u0022) that cannot continue any label was accepted up to its last hex digit, the
+# next token then had no allowed continuation and the row was left unguided.
+BANKING = ["activate_my_card", "age_limit", "card_about_to_expire", "card_arrival", "card_delivery_estimate",
+           "card_linking", "card_not_working", "card_payment_fee_charged", "card_payment_not_recognised",
+           "card_payment_wrong_exchange_rate", "card_swallowed", "cash_withdrawal_charge",
+           "disposable_card_limits", "get_disposable_virtual_card", "supported_cards_and_currencies",
+           "virtual_card_not_working", "visa_or_mastercard"]
+LABEL = {"type": "object", "additionalProperties": False, "required": ["label"],
+         "properties": {"label": {"type": "string", "enum": BANKING}}}
+
+
+def first_rejected(schema: dict, text: str) -> int | None:
+    """Index of the first character the cursor refuses (None: all accepted)."""
+    cursor = SchemaCursor(schema)
+    for i, ch in enumerate(text):
+        if not cursor.feed(ch):
+            return i
+    return None
+
+
+@pytest.mark.parametrize("value, bad_from", [
+    # In a label, printable ASCII is written as is, so the backslash itself is refused: no label continues with
+    # a character that needs (or may take) an escape.
+    ("supported_card\\u03c2_american_express", "supported_card\\"),
+    ("card_n\\u03c2_card", "card_n\\"),
+    ("disposable_card_l\\u00221", "disposable_card_l\\"),
+    ("card_n\\\"", "card_n\\"),
+    ("\\u0063ard_arrival", "\\"),  # 'c' spelled \\u0063: decodes to a label, refused all the same
+    # Labels with characters that must or may be escaped: the escape is followed as it decodes.
+    ("card_\\u03c3", "card_\\u03c3"),  # 'σ' (3c3): only 'ς' (3c2) continues "card_"
+    ("card_\\u03", "card_\\u03"),  # \\u03.. can still be 'ς': only the quote that cuts it short is refused
+    ("say \\u0022hi\\u0022x", "say \\u0022hi\\u0022x"),  # 'say "hi"' is complete: no 'x' after it
+    ("say \\u0023", "say \\u0023"),  # '#' (23) where '"' (22) must come
+    ("say \\\"hi\\x", "say \\\"hi\\x"),  # after 'say "hi' only '"' (an escaped one) continues
+    ("back\\\\sl\\", "back\\\\sl\\"),
+    ("card_\\ud83d", "card_\\ud"),  # \\ud8.. starts an astral character: "card_" goes on with 'ς'
+])
+def test_escapes_that_cannot_continue_an_enum_label_are_refused_at_their_first_offending_character(value, bad_from):
+    schema = {"type": "object", "properties": {"label": {"enum": BANKING + ["card_ς", 'say "hi"', "back\\slash"]}}}
+    text = '{"label": "' + value + '"}'
+    at = first_rejected(schema, text)
+    if bad_from == "card_\\u03":  # the partial escape is fine; the closing quote is not (it must become 'ς')
+        assert at == len('{"label": "card_\\u03'), text
+    else:
+        assert at == len('{"label": "') + len(bad_from) - 1, text
+
+
+def test_labels_are_accepted_with_the_escapes_json_needs_and_non_ascii_ones():
+    schema = {"type": "object", "properties": {"label": {"enum": ["card_ς", 'say "hi"', "back\\slash"]}}}
+    for text in ('{"label": "card_\\u03c2"}', '{"label": "card_\\u03C2"}', '{"label": "card_ς"}',
+                 '{"label": "say \\"hi\\""}', '{"label": "say \\u0022hi\\u0022"}', '{"label": "back\\\\slash"}',
+                 '{"label": "back\\u005cslash"}'):
+        cursor = SchemaCursor(schema)
+        assert all(cursor.feed(ch) for ch in text) and cursor.done, text
+
+
+TRICKY = ['say "hi"', "back\\slash", "new\nline", "tab\there", "a/b", "ς_greek", "\U0001F600_emoji", "café",
+          "say", "ς", "\x7f_del", "\u2028_sep"]
+
+
+def spellings(value: str) -> list[str]:
+    """JSON texts of a string: characters as is or escaped short, or every one that may be escaped (what JSON
+    requires, non-ASCII) as \\uXXXX in either case."""
+    def u(c: str, upper: bool) -> str:
+        if " " <= c <= "~" and c not in '"\\':
+            return c
+        units = c.encode("utf-16-be")
+        out = "".join("\\u%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2))
+        return out.upper().replace("\\U", "\\u") if upper else out
+    return [json.dumps(value), json.dumps(value, ensure_ascii=False), '"' + "".join(u(c, False) for c in value) + '"',
+            '"' + "".join(u(c, True) for c in value) + '"']
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_every_enum_value_is_accepted_however_json_spells_it(value):
+    schema = {"type": "object", "properties": {"v": {"enum": TRICKY}, "w": {"const": value},
+                                               value: {"type": "string", "minLength": len(value),
+                                                       "maxLength": len(value)}},
+              "additionalProperties": False}
+    for sp in spellings(value):
+        for text in ('{"v": ' + sp + "}", '{"w": ' + sp + "}", "{" + sp + ": " + sp + "}"):
+            cursor = SchemaCursor(schema)
+            assert all(cursor.feed(ch) for ch in text) and cursor.done, text
+            jsonschema.validate(json.loads(text), schema)
+    # A free string takes any escape ('\\/', '\\u0061'); a label, only those of characters JSON must escape or
+    # non-ASCII ones.
+    free = {"type": "object", "properties": {"f": {"type": "string"}}}
+    assert feeds('{"f": "\\u0061\\/b"}', free)
+    assert first_rejected(schema, '{"v": "a\\/b"}') == len('{"v": "a')
+
+
+def test_lengths_count_decoded_characters_and_surrogates_must_pair():
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 3}}}
+    assert feeds('{"s": "ab\\u00e9"}', schema)  # 3 characters, 8 written
+    assert feeds('{"s": "\\ud83d\\ude00x"}', schema)  # an astral character counts once
+    assert first_rejected(schema, '{"s": "abc\\') == len('{"s": "abc')  # no room for the escaped character
+    assert first_rejected(schema, '{"s": "\\u00e9"}') == len('{"s": "\\u00e9')  # 1 < minLength: no closing quote
+    assert first_rejected(schema, '{"s": "\\udc00"') == len('{"s": "\\ud')  # \udc.. is a low surrogate: it cannot start
+    assert first_rejected(schema, '{"s": "\\ud83d"') == len('{"s": "\\ud83d')  # a high one needs its pair
+    assert first_rejected(schema, '{"s": "\\ud83d\\u0041"') == len('{"s": "\\ud83d\\u')
+
+
+def test_const_and_keys_are_checked_decoded():
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {'a"b': {"const": "x\\y"}, "é": {"type": "integer", "const": 3}}}
+    assert feeds('{"a\\u0022b": "x\\\\y", "\\u00e9": 3}', schema)
+    assert first_rejected(schema, '{"a\\u0023') == len('{"a\\u002')
+    assert first_rejected(schema, '{"a\\"b": "x\\\\z"') == len('{"a\\"b": "x\\\\z') - 1
+    assert first_rejected(schema, '{"a\\"b": "xy"') == len('{"a\\"b": "x')
+    assert first_rejected(schema, '{"\\u00e9": 4') == len('{"\\u00e9": ')
+    assert first_rejected(schema, '{"\\u00e9": 30') == len('{"\\u00e9": 3')
+
+
+# --- property: random enum schemas x a random-logit "model" -> every closed answer validates ----------------
+# Label pieces share prefixes the way real label sets do (card_..., card_not_..., cash_...); the extras carry what
+# JSON escapes (quote, backslash, newline) and non-ASCII characters (BMP and astral).
+PIECES = ["card", "cards", "card_not", "cash", "c", "top", "top_up", "not", "working", "supported", "limit", "l",
+          "n", "s", "and", "x"]
+EXTRAS = ['say "hi"', "back\\slash", "new\nline", "ς", "card_ς", "café", "\U0001F600", "a/b", "tab\t"]
+# A tokenizer-like vocabulary: every printable ASCII character (so any label can be spelled), multi-character
+# pieces, escapes whole and in parts, non-ASCII characters, structure, literals, numbers, end of sequence.
+VOCAB = ([chr(c) for c in range(0x20, 0x7F)] + PIECES + [
+    "_", "card_", "_not", "cash_", "\\u03c2", "\\u0063", "\\u00", "\\u", "\\\\", '\\"', "\\n", "\\t", "\\/",
+    "\\ud83d", "\\ude00", "\\ud83d\\ude00", "ς", "é", "\U0001F600", "\n", '{"', '": "', '": ', '", "', '"}', '"]',
+    '["', '"]}', "},", "],", ", ", ": ", "{}", "[]", "true", "false", "null", "12", "-1", ".5", "e+", "00", "0",
+    "<eos>"])
+EOS = VOCAB.index("<eos>")
+CLOSERS = [VOCAB.index(t) for t in ("{", '"', "]", "}")]
+
+
+def random_labels(rng, n: int) -> list[str]:
+    labels = set()
+    while len(labels) < n:
+        labels.add("_".join(rng.choice(PIECES) for _ in range(rng.randint(1, 3))))
+    labels = sorted(labels)
+    if rng.random() < 0.5:
+        labels += rng.sample(EXTRAS, rng.randint(1, 3))
+    return labels
+
+
+def random_schema(rng, depth: int = 0) -> dict:
+    """An object schema of enum-heavy properties: nested objects, arrays of enums, const, lengths, bounds."""
+    def value(d: int) -> dict:
+        kind = rng.choice(["enum", "enum", "enum", "const", "string", "integer", "number", "boolean", "array",
+                           "array", "object", "nullable", "pattern", "numbers"] if d < 2
+                          else ["enum", "const", "string", "integer", "pattern", "numbers", "boolean"])
+        if kind == "enum":
+            return {"type": "string", "enum": random_labels(rng, rng.randint(1, 12))}
+        if kind == "const":
+            return {"const": rng.choice(random_labels(rng, 3))}
+        if kind == "string":
+            low = rng.randint(0, 3)
+            return {"type": "string", "minLength": low, "maxLength": low + rng.randint(0, 6)}
+        if kind == "integer":
+            low = rng.randint(-20, 20)
+            return {"type": "integer", "minimum": low, "maximum": low + rng.choice([0, 1, 7, 150])}
+        if kind == "number":
+            return {"type": "number", "exclusiveMinimum": rng.choice([-1.5, 0, 2]), "maximum": rng.choice([3, 10.25])}
+        if kind == "boolean":
+            return {"type": "boolean"}
+        if kind == "pattern":
+            return {"type": "string", "pattern": rng.choice(["^[0-9]{2,4}$", "^[A-Z]{3}-[0-9]{2}$", "x",
+                                                             "^(card|cash)_[a-z]+$"])}
+        if kind == "numbers":
+            return {"enum": rng.sample([0, 1, 2.5, -3, 10, 12, 100, 1e21], rng.randint(1, 4))}
+        if kind == "nullable":
+            return {"enum": random_labels(rng, 3) + [None]}
+        if kind == "array":
+            low, items = rng.randint(0, 2), value(d + 1)
+            # uniqueItems is enforced for scalar items only (see guided.py).
+            unique = items.get("type") not in ("array", "object") and rng.random() < 0.4
+            return {"type": "array", "items": items, "minItems": low, "maxItems": low + rng.randint(0, 4),
+                    **({"uniqueItems": True} if unique else {})}
+        return random_schema(rng, d + 1)
+
+    names = random_labels(rng, rng.randint(1, 4))
+    props = {name: value(depth) for name in names}
+    required = sorted(rng.sample(names, rng.randint(0, len(names))))
+    sizes = {}
+    if rng.random() < 0.2:
+        sizes = {"minProperties": rng.randint(0, len(names)), "maxProperties": rng.randint(len(required), len(names))}
+        sizes["minProperties"] = min(sizes.values())
+    return {"type": "object", "properties": props, "additionalProperties": rng.random() < 0.3,
+            "required": required, **sizes}
+
+
+def guided_decode(schema: dict, seed: int, budget: int = 400, guard_class=None) -> tuple[str, str, bool]:
+    """Greedy decoding of a random-logit model over VOCAB through the SchemaGuard, stopped by the engine's stop rule
+    (the first JSON object closes) or end of sequence: ("closed", the object's text), ("budget", text) or
+    ("eos", text); and whether the guard lost the row (no allowed token: the row went unguided)."""
+    import torch
+
+    from retrain.evaluate.inference import JsonScanner
+
+    gen = torch.Generator().manual_seed(seed)
+    guard = (guard_class or schema_guard_class())(schema, VOCAB.__getitem__, 1, 1, [EOS])
+    scanner = JsonScanner()
+    ids, text = [EOS], ""
+    for _ in range(budget):
+        scores = torch.randn((1, len(VOCAB)), generator=gen)
+        scores[0, CLOSERS] += 1.0  # the answer starts soon and its strings and lists end now and then
+        token = int(guard(torch.tensor([ids]), scores)[0].argmax())
+        if token == EOS:
+            return "eos", text, guard.cursors[0] is None
+        ids.append(token)
+        end = scanner.feed(VOCAB[token])
+        text += VOCAB[token]
+        if end >= 0:
+            return "closed", text[text.index("{"):len(text) - len(VOCAB[token]) + end], guard.cursors[0] is None
+    return "budget", text, guard.cursors[0] is None
+
+
+def check_decodes(schema: dict, seeds, guard_class=None) -> dict:
+    """Every answer that closed is valid JSON under the schema (asserted unless guard_class is given: then
+    counted); counts per outcome."""
+    counts = {"closed": 0, "valid": 0, "budget": 0, "eos": 0, "lost": 0}
+    for seed in seeds:
+        status, text, lost = guided_decode(schema, seed, guard_class=guard_class)
+        counts[status] += 1
+        counts["lost"] += lost
+        assert guard_class or not lost, f"the guard found no allowed token: {text!r}\nschema: {json.dumps(schema)}"
+        if status != "closed":
+            continue
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            counts["valid"] += 1
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            if guard_class is None:
+                raise AssertionError(f"guided answer off the schema: {text!r}\nschema: {json.dumps(schema)}")
+    return counts
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False), st.integers(0, 2**31))
+def test_property_random_enum_schemas_and_random_logits_always_give_schema_valid_answers(rng, seed):
+    schema = random_schema(rng)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    check_decodes(schema, range(seed, seed + 3))
+
+
+def test_numbers_bounds_and_enums_are_steered_before_a_dead_end():
+    schema = {"type": "object", "properties": {
+        "q": {"type": "integer", "minimum": 1}, "r": {"type": "integer", "minimum": -12, "maximum": -5},
+        "x": {"type": "number", "exclusiveMinimum": 0, "maximum": 2.5}, "e": {"enum": [12, 2.5, -3]}}}
+    for good in ('{"q": 1}', '{"q": 905}', '{"r": -12}', '{"r": -5}', '{"x": 0.001}', '{"x": 2.5}', '{"x": 2.49}',
+                 '{"e": 12}', '{"e": 2.5}', '{"e": -3}'):
+        assert feeds(good, schema), good
+        jsonschema.validate(json.loads(good), schema)
+    # Refused at the first character that rules every allowed value out.
+    for bad, at in (('{"q": 0', 6), ('{"q": -', 6), ('{"r": 5', 6), ('{"r": -4', 7), ('{"r": -13', 8),
+                    ('{"r": -1}', 8), ('{"x": 0}', 7), ('{"x": 2.6', 8), ('{"x": 3', 6), ('{"x": 1e', 7),
+                    ('{"e": 1}', 7), ('{"e": 2.0', 8), ('{"e": 5', 6)):
+        assert first_rejected(schema, bad) == at, bad
+
+
+def test_unique_items_are_steered_away_from_repeats_and_full_lists():
+    schema = {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"enum": ["a", "ab", "b"]}, "uniqueItems": True},
+        "n": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1}, "uniqueItems": True},
+        "z": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+        "f": {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True},
+        "s": {"type": "array", "items": {"type": "string", "maxLength": 1}, "uniqueItems": True}}}
+    assert feeds('{"tags": ["a", "ab", "b"], "n": [1, 0], "z": [0, 1], "f": [true, false], "s": ["", "x"]}', schema)
+    for bad, at in (('{"tags": ["ab", "ab', 18),  # "ab" is taken; "a" is still free, so '"a' passes
+                    ('{"tags": ["a", "ab", "b",', 24),  # ... and the list is full: no ',' after the last
+                    ('{"n": [1, 1', 10), ('{"n": [1, 0,', 11), ('{"z": [0, 0', 10), ('{"f": [true, t', 13),
+                    ('{"s": ["x", "x', 13)):
+        assert first_rejected(schema, bad) == at, bad
+    assert feeds('{"z": [1, 12', schema) and feeds('{"tags": ["ab", "a"]', schema)
+
+
+def test_patterns_and_property_counts():
+    schema = {"type": "object", "maxProperties": 2, "required": ["po"], "properties": {
+        "po": {"type": "string", "pattern": "^[0-9]{2,4}$"}, "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]$"}}}
+    assert feeds('{"po": "1234"}', schema) and feeds('{"sku": "ABC-1", "po": "\\u0031\\u0032"}', schema)
+    for bad, at in (('{"po": "1a', 9), ('{"po": "1"', 9), ('{"po": "12345', 12), ('{"sku": "AB1', 11),
+                    ('{"po": "\\n', 9),  # an escape that decodes outside the pattern
+                    ('{"sku": "ABC-1", "x', 18),  # the last free place goes to the required key
+                    ('{"po": "12", "a": 1, ', 19)):  # maxProperties: no ',' after the second
+        assert first_rejected(schema, bad) == at, bad
+
+
+def test_real_smollm2_under_random_enum_schemas_writes_only_schema_valid_answers():
+    """The real model, prompted with a worked example whose label is off the enum and escaped (as the failing
+    evaluation answers were), under random label enums: every answer that closes validates, none is left
+    unguided."""
+    import random
+
+    from retrain.evaluate.inference import make_engine
+
+    rng = random.Random(19)
+    shot = [{"role": "system", "content": "Reply with only a JSON object {\"label\": ...} naming the request."},
+            {"role": "user", "content": "Which cards do you support? Amex?"},
+            {"role": "assistant", "content": '{"label": "supported_card\\u03c2_american_express"}'},
+            {"role": "user", "content": "My card is not working and the disposable card limit is too low"}]
+    schemas = [LABEL] + [{"type": "object", "additionalProperties": False, "required": ["label", "more"],
+                          "properties": {"label": {"enum": random_labels(rng, 12) + ['say "hi"', "ς_x"]},
+                                         "more": {"type": "array", "maxItems": 3,
+                                                  "items": {"enum": random_labels(rng, 6)}}}}
+                         for _ in range(2)]
+    engine = make_engine({"kind": "hf", "path": "smollm2-135m-instruct"}, batch_size=2, schema=LABEL)
+    for schema in schemas:
+        engine.schema = schema
+        second = shot[:3] + [{"role": "user", "content": "How long until my new card arrives?"}]
+        outs, info = engine.generate_ids([shot, second], max_new_tokens=48)
+        closed = 0
+        for ids in outs:
+            text = engine.decode(ids)
+            if text.rstrip().endswith("}"):
+                jsonschema.validate(json.loads(text[text.index("{"):]), schema)
+                closed += 1
+            elif "{" in text:  # inside the object only the budget ends an answer
+                assert len(ids) == 48 and not set(ids) & set(engine.eos_ids), text
+        assert closed, "no answer closed"

@@ -300,3 +300,13 @@ def test_unreachable_smtp_server_error_names_host_and_connection():
                       extra=json.dumps({"to": "a@b.c", "disable_ssl": True, "disable_tls": True, "timeout": 5}))
     with pytest.raises(RuntimeError, match=rf"through 127.0.0.1:{port} .*Check connection 'mail'"):
         notify.EmailNotifier("mail").send(conn, notify.alert_payload(_context(ValueError("x"))))
+
+
+def test_a_multi_line_config_error_keeps_the_field_names():
+    from retrain.notify import alert_payload
+
+    exc = ValueError("use case 'product_intent' with run parameters is invalid:\n"
+                     "  - thresholds.min_score: Input should be less than or equal to 1\n"
+                     "Fix the file (or the trigger parameter) and run again.")
+    payload = alert_payload({"exception": exc, "dag_run": None, "ti": None})
+    assert "thresholds.min_score" in payload["error"] and "\n" not in payload["error"]

@@ -17,15 +17,17 @@ from pathlib import Path
 import pytest
 
 from fake_openai import FakeOpenAI
-from retrain.schemas.use_case import RunParams, load_use_case
+from retrain.schemas.run_params import RunParams
+from retrain.schemas.use_case import load_use_case
 from retrain.data.scrub import scrub_text
 from retrain.data.synthetic import generate_rows
-from retrain.train.openai import job as openai_ft
+from retrain.train.openai import tokens
+from retrain.train.openai.checks import check_chat_jsonl, run_key
 from retrain.train.openai.job import (
     CostLimitExceeded,
     FineTuneJobFailed,
     FormatCheckError,
-    check_chat_jsonl,
+    OpenAIFineTuneError,
     finish_job,
     prepare_openai_job,
 )
@@ -118,10 +120,10 @@ def test_format_check_lists_every_problem_and_uploads_nothing(fake, tmp_path):
 
 
 def test_token_count_fallback_is_labelled_and_close_to_chars(monkeypatch, tmp_path):
-    openai_ft.token_counter.cache_clear()
+    tokens.token_counter.cache_clear()
     monkeypatch.setenv("RETRAIN_TOKEN_COUNT", "estimate")
     try:
-        counter = openai_ft.token_counter(MODEL)
+        counter = tokens.token_counter(MODEL)
         assert counter.method == "estimate:chars/3.5" and not counter.exact
         assert counter.count("x" * 35) == 10 and counter.count("x" * 36) == 11
         path = tmp_path / "one.jsonl"
@@ -133,19 +135,51 @@ def test_token_count_fallback_is_labelled_and_close_to_chars(monkeypatch, tmp_pa
                            for m in ex["messages"])
         assert rep["ok"] and rep["tokens"] == expected and rep["tokenizer"] == "estimate:chars/3.5"
     finally:
-        openai_ft.token_counter.cache_clear()
+        tokens.token_counter.cache_clear()
 
 
 def test_token_count_is_exact_when_an_encoding_file_is_available():
-    openai_ft.token_counter.cache_clear()
-    counter = openai_ft.token_counter(MODEL)
-    openai_ft.token_counter.cache_clear()
+    tokens.token_counter.cache_clear()
+    counter = tokens.token_counter(MODEL)
+    tokens.token_counter.cache_clear()
     if not counter.exact:
         # No internet and no local copy: the fallback must say so, and say how to get exact counts.
         assert "ESTIMATE" in counter.note and "RETRAIN_TIKTOKEN_DIR" in counter.note
         pytest.skip("tiktoken's o200k_base file is not available offline here (see the note above)")
     assert counter.method == "tiktoken:o200k_base"
     assert counter.count("hello world") == 2
+
+
+def test_tiktoken_cache_is_private_to_the_state_directory(monkeypatch, tmp_path):
+    """tiktoken's default cache is a predictable name under /tmp that another user could create first; ours is
+    $RETRAIN_HOME/cache/tiktoken, mode 700, and tiktoken is pointed at it too (issue 17)."""
+    import os
+    import stat
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RETRAIN_HOME", str(home))
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        monkeypatch.setenv(name, "unset-me")  # so monkeypatch restores the variable's absence afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("RETRAIN_TOKEN_COUNT", raising=False)
+    import tiktoken.registry
+
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # tiktoken keeps loaded encodings per process
+    tokens.token_counter.cache_clear()
+    try:
+        counter = tokens.token_counter(MODEL)
+    finally:
+        tokens.token_counter.cache_clear()
+    cache = home.resolve() / "cache" / "tiktoken"
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(cache)
+    assert cache.is_dir() and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    if counter.exact:  # seeded from a local copy (or downloaded): the encoding sits in the private cache
+        assert tokens.cached_encoding_path(cache, "o200k_base").is_file()
+    # An explicit TIKTOKEN_CACHE_DIR still wins (an operator's shared, pre-seeded cache).
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "shared"))
+    from retrain import settings
+
+    assert settings.tiktoken_cache_dir() == str(tmp_path / "shared")
 
 
 def test_cost_gate_refuses_with_the_estimate_and_the_limit(fake, tmp_path):
@@ -164,13 +198,13 @@ def test_cost_gate_refuses_with_the_estimate_and_the_limit(fake, tmp_path):
 
 def test_unknown_model_has_no_price_so_it_is_refused(fake, tmp_path):
     run_dir = make_run(tmp_path)
-    with pytest.raises(openai_ft.OpenAIFineTuneError, match="no fine-tuning price is known for model 'llama-3'"):
+    with pytest.raises(OpenAIFineTuneError, match="no fine-tuning price is known for model 'llama-3'"):
         prepare_openai_job(run_dir, model="llama-3")
 
 
 def test_missing_key_says_how_to_configure_it(fake, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(openai_ft.OpenAIFineTuneError, match="create the Airflow connection 'openai_default'"):
+    with pytest.raises(OpenAIFineTuneError, match="create the Airflow connection 'openai_default'"):
         prepare_openai_job(make_run(tmp_path))
 
 
@@ -186,7 +220,7 @@ def test_happy_path_prepare_trigger_model_id(fake, tmp_path, caplog, capsys):
     assert server_job["model"] == MODEL and server_job["user_provided_suffix"] == "product-intent"
     assert server_job["hyperparameters"] == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": "auto"}
     assert server_job["seed"] == 42
-    assert server_job["metadata"]["retrain_run_key"] == openai_ft.run_key("product_intent", "manual__2026-05-01")
+    assert server_job["metadata"]["retrain_run_key"] == run_key("product_intent", "manual__2026-05-01")
     # Exactly the run's files left the machine, byte for byte, with purpose fine-tune.
     uploaded = {f["filename"]: f for f in fake.files.values()}
     assert uploaded["train.jsonl"]["bytes"] == (run_dir / "train.jsonl").read_bytes()
@@ -221,15 +255,6 @@ def test_happy_path_prepare_trigger_model_id(fake, tmp_path, caplog, capsys):
     ex = json.loads((run_dir / "train.jsonl").read_text().splitlines()[0])["messages"]
     answer = client.chat.completions.create(model=model_id, messages=ex[:2]).choices[0].message.content
     assert answer == ex[2]["content"]
-
-
-def test_blocking_run_for_the_cli(fake, tmp_path):
-    run_dir = make_run(tmp_path)
-    fake.fail_first("GET /v1/fine_tuning/jobs/{id}", 1, 500)  # the sync client's own retry absorbs it
-    result = openai_ft.run_openai_finetune(run_dir, poll_interval=0.01)
-    (job,) = fake.jobs.values()
-    assert result["model_id"] == job["fine_tuned_model"] and job["status"] == "succeeded"
-    assert json.loads((run_dir / "candidate" / "train_result.json").read_text())["job_id"] == job["id"]
 
 
 def test_polling_backs_off_on_429_and_500(fake, tmp_path):
@@ -489,3 +514,17 @@ def test_dag_with_openai_operator_runs_through_the_deferral(airflow_db, fake, tm
     assert "failed: invalid_training_file: Invalid file format. Line 3 is bad" in capsys.readouterr().out
     assert not (bad_dir / "candidate" / "train_result.json").exists()
     assert json.loads((bad_dir / "candidate" / "openai_job.json").read_text())["status"] == "failed"
+
+
+def test_format_check_finds_personal_data_after_a_json_escape(tmp_path):
+    """An assistant label is JSON: a card number right after an escaped newline must still be found."""
+    from retrain.train.openai.checks import check_chat_jsonl
+
+    label = json.dumps({"intent_type": "GIFT", "recipient": "dad\n4111 1111 1111 1111"})
+    line = {"messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": "a gift"},
+                         {"role": "assistant", "content": label}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    report = check_chat_jsonl(path, model="gpt-4o-mini-2024-07-18", min_examples=None)
+    assert report["problem_counts"].get("personal_data") == 1, report
+    assert "4111" not in json.dumps(report)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
+from retrain import db
 from retrain.registry import deploy
 from retrain.registry import store as registry
-from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.schemas.run_params import apply_params, parse_run_params
+from retrain.schemas.use_case import load_use_case
 from retrain.registry.store import RegistryError
 
 UC = "product_intent"
@@ -16,7 +18,7 @@ UC = "product_intent"
 
 @pytest.fixture
 def conn(db_conn):
-    registry.ensure_registry_schema(db_conn)
+    db.ensure_schema(db_conn)
     with db_conn.cursor() as cur:
         cur.execute("TRUNCATE model_events RESTART IDENTITY")
     db_conn.commit()
@@ -169,7 +171,9 @@ def test_previous_after_a_new_promotion_is_the_version_it_replaced(conn):
     _register(conn, "run-3")
     registry.promote(conn, use_case=UC, version=3, actor="gate", reason="GO")
     back = registry.rollback(conn, use_case=UC, actor="alice", reason="v3 is broken too")
-    assert back["version"] == 1 and registry.previous_production(conn, UC) is None
+    assert back["version"] == 1
+    with pytest.raises(RegistryError, match="no previous production"):  # nothing older than v1 to step back to
+        registry.rollback(conn, use_case=UC, actor="alice", reason="and v1 too")
 
 
 def test_rollback_without_a_previous_version_is_a_clear_error(conn):
@@ -234,8 +238,8 @@ def test_registry_upgrades_a_database_created_before_the_history_table(conn, mon
     with conn.cursor() as cur:
         cur.execute("DROP TABLE model_events; DROP INDEX model_versions_one_per_run")
     conn.commit()
-    monkeypatch.setattr(registry, "_ready", set())  # a fresh process
+    monkeypatch.setattr(db, "_schema_ready", set())  # a fresh process
     assert registry.history(conn, UC) == [] and registry.production(conn, UC) is None  # reads leave a txn open
     assert _register(conn, "run-1")["version"] == 1  # creates the table inside its own transaction
     assert [e["action"] for e in registry.history(conn, UC)] == ["register"]
-    assert conn.dsn in registry._ready
+    assert db.schema_is_ready(conn)

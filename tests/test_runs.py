@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from retrain import db
 from retrain.registry import runs
 
 
 @pytest.fixture
 def conn(db_conn):
-    runs.ensure_runs_schema(db_conn)
-    runs.ensure_runs_schema(db_conn)  # idempotent: the second call must not fail
+    db.ensure_schema(db_conn)
+    db.ensure_schema(db_conn)  # idempotent: the second call must not fail
     with db_conn.cursor() as cur:
         cur.execute("TRUNCATE pipeline_runs")
     db_conn.commit()

@@ -329,3 +329,15 @@ def test_insert_rows_without_schema_explains_the_fix(db_conn):
             cur.execute("SET search_path TO public")
             cur.execute("DROP SCHEMA synthetic_empty")
         db_conn.commit()
+
+
+def test_package_keeps_the_public_api():
+    """retrain.data.synthetic is a package (one module per use case + pii); callers import from the package."""
+    import retrain.data.synthetic as synthetic
+
+    assert synthetic.supported_use_cases() == ["email_intel", "hr_leave", "product_intent"]
+    for name in synthetic.__all__:
+        assert hasattr(synthetic, name), name
+    from retrain.data.synthetic.hr_leave import hr_decision as direct
+
+    assert direct is hr_decision

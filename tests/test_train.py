@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.schemas.run_params import apply_params, parse_run_params
+from retrain.schemas.use_case import load_use_case
 from retrain.schemas.training import TrainingSpecError, parse_spec, spec_from_use_case
 from retrain.train.spec import spec_for_run
 
@@ -123,6 +124,13 @@ def launch_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LAUNCH_LOGGER]
 
 
+def trl_patch_points() -> dict[str, int]:
+    """Identity of the TRL module globals the trainer process patches on a CPU (retrain.train.qlora.cpu)."""
+    import trl.trainer.utils as trl_utils
+
+    return {name: id(getattr(trl_utils, name, None)) for name in ("_use_triton", "_CHUNKED_LOGPROB_CHUNK_SIZE")}
+
+
 # --- spec -----------------------------------------------------------------------------------------------
 
 
@@ -165,7 +173,8 @@ def test_spec_follows_the_use_case_and_overrides_in_order(tmp_path):
 
 
 def test_the_use_case_yaml_and_the_trigger_params_set_every_training_field():
-    from retrain.schemas.use_case import ConfigError, apply_params, parse_run_params, parse_use_case
+    from retrain.schemas.run_params import apply_params, parse_run_params
+    from retrain.schemas.use_case import ConfigError, parse_use_case
 
     data = UC.model_dump(mode="json")
     data["training"].update({"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
@@ -224,12 +233,15 @@ def test_prompt_is_masked_and_only_the_assistant_json_is_trained(tiny_model, tmp
     from transformers import AutoTokenizer
 
     from retrain.train.qlora import trainer as qlora
+    from retrain.train.qlora.data import load_split
 
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=30)
-    rows = qlora.load_split(run_dir / "train.jsonl")
+    rows = load_split(run_dir / "train.jsonl")
     assert rows[0]["prompt"][0]["role"] == "system" and rows[0]["completion"][0]["role"] == "assistant"
     spec = parse_spec({"adapter": "lora", "max_length": 512})
+    before = trl_patch_points()
     trainer = qlora.build_trainer(spec, str(tiny_model), rows[:8], rows[8:10], tmp_path / "ckpt", cuda=False)
+    assert trl_patch_points() == before, "build_trainer must not patch TRL (only the trainer process does)"
     tok = AutoTokenizer.from_pretrained(tiny_model)
 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])  # the collator training uses
@@ -251,7 +263,7 @@ def test_prompt_is_masked_and_only_the_assistant_json_is_trained(tiny_model, tmp
 def test_examples_longer_than_max_length_are_dropped_not_truncated(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from retrain.train.qlora import trainer as qlora
+    from retrain.train.qlora import data as qlora
 
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=30)
     rows = qlora.load_split(run_dir / "train.jsonl")
@@ -268,7 +280,7 @@ def test_examples_longer_than_max_length_are_dropped_not_truncated(tiny_model, t
 
 
 def test_4bit_gradients_stay_correct_after_an_evaluation_pass(tiny_model):
-    """Guards against bitsandbytes' inference-only CPU repacking (see qlora.keep_4bit_trainable_on_cpu)."""
+    """Guards against bitsandbytes' inference-only CPU repacking (see qlora.cpu.keep_4bit_trainable_on_cpu)."""
     import torch
     from peft import get_peft_model
 
@@ -332,20 +344,31 @@ def test_label_token_weight_reweights_the_decision_tokens_in_the_training_loss_o
     import torch
     from transformers import AutoTokenizer
 
-    from retrain.train.qlora import trainer as qlora
+    from retrain.train.qlora.cpu import cpu_speedups
+    from retrain.train.qlora.data import load_split
+    from retrain.train.qlora.trainer import build_trainer
+    from retrain.train.qlora.weighting import decision_mask, label_decision_points
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    points = qlora.label_decision_points(tok, UC)
+    points = label_decision_points(tok, UC)
     # Per label field: the key's last tokens and one first-token id per value (5 intents, 4 budget tiers).
     assert [len(ids) for _, ids in points] == [5, 4]
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model), n=40)
-    rows = qlora.load_split(run_dir / "train.jsonl")
+    rows = load_split(run_dir / "train.jsonl")
     spec = parse_spec({"adapter": "lora", "label_token_weight": 5, "max_steps": 1, "batch_size": 8})
-    trainer = qlora.build_trainer(spec, str(tiny_model), rows, [], tmp_path / "out", cuda=False, label_points=points)
+    # As the trainer process runs it on a CPU: with TRL's compact LM head (cpu_speedups), which the weights scale.
+    with cpu_speedups():
+        _check_label_weighting(build_trainer(spec, str(tiny_model), rows, [], tmp_path / "out", cuda=False,
+                                             label_points=points), points, decision_mask)
+
+
+def _check_label_weighting(trainer, points, decision_mask) -> None:
+    import torch
+
     assert type(trainer).__name__ == "WeightedSFTTrainer"
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     # Exactly the two decisions of each answer (intent, budget) are marked, not other occurrences of those ids.
-    decisions = qlora.decision_mask(batch["input_ids"], points)
+    decisions = decision_mask(batch["input_ids"], points)
     assert decisions.sum(1).tolist() == [2] * batch["input_ids"].shape[0]
     assert bool((batch["labels"][decisions] != -100).all())
 
@@ -371,6 +394,72 @@ def test_label_token_weight_reweights_the_decision_tokens_in_the_training_loss_o
     model.eval()
     with torch.no_grad():
         assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(plain, rel=1e-4)
+
+
+# --- third-party patches stay in the trainer process ---------------------------------------------------
+
+_SNAPSHOT_IMPORTS = r"""
+import importlib, json, pkgutil, sys, types
+import bitsandbytes, peft, transformers, trl, trl.trainer.utils, trl.kernels.chunked_logprob  # noqa: E401
+import transformers.trainer, peft.tuners.lora, bitsandbytes.nn  # noqa: E401
+
+THIRD_PARTY = ("trl", "transformers", "peft", "bitsandbytes")
+
+def snapshot():
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] in THIRD_PARTY and isinstance(mod, types.ModuleType):
+            out[name] = {k: id(v) for k, v in list(vars(mod).items()) if not isinstance(v, types.ModuleType)}
+    for cls in (bitsandbytes.nn.Linear4bit, transformers.Trainer, trl.SFTTrainer):
+        out[cls.__qualname__] = {k: id(v) for k, v in vars(cls).items()}
+    return out
+
+before = snapshot()
+import retrain.train, retrain.train.qlora, retrain.train.openai  # noqa: E401
+names = ["retrain.train.launch", "retrain.train.spec"]
+for pkg in ("retrain.train.qlora", "retrain.train.openai"):
+    names += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(sys.modules[pkg].__path__)]
+for name in names:
+    importlib.import_module(name)
+after = snapshot()
+changed = sorted(f"{mod}.{attr}" for mod, attrs in before.items() for attr, ident in attrs.items()
+                 if after.get(mod, {}).get(attr, ident) != ident)
+print(json.dumps({"imported": names, "changed": changed}))
+"""
+
+
+def test_importing_the_training_modules_patches_no_third_party_attribute(tmp_path):
+    """Process-wide patches of TRL/transformers/PEFT/bitsandbytes belong to the trainer process only: importing
+    every retrain.train module (what the Airflow worker, the DAG files and the tests do) leaves them untouched."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", _SNAPSHOT_IMPORTS], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"retrain.train.qlora.trainer", "retrain.train.qlora.cpu", "retrain.train.launch",
+            "retrain.train.openai.job"} <= set(report["imported"])
+    assert report["changed"] == [], f"importing retrain.train patched third-party attributes: {report['changed']}"
+
+
+def test_cpu_speedups_patch_trl_only_inside_the_block():
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from retrain.train.qlora.cpu import cpu_speedups
+
+    before = trl_patch_points()
+    stock_compact = trl_utils._use_triton
+    with cpu_speedups() as applied:
+        assert applied == ["smaller_lm_head_tiles_on_cpu", "score_only_labelled_tokens_on_cpu"]
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 4096
+        assert trl_utils._use_triton(torch.device("cpu")) is True  # the compact LM head on the CPU
+        with cpu_speedups():  # nested (e.g. a bench inside a trainer): still applied once, still undone once
+            assert trl_utils._use_triton(torch.device("cpu")) is True
+        assert trl_utils._use_triton(torch.device("cpu")) is True and trl_utils._use_triton is not stock_compact
+    assert trl_patch_points() == before and trl_utils._use_triton is stock_compact
 
 
 # --- the launcher and the artifacts ---------------------------------------------------------------------
@@ -399,6 +488,9 @@ def test_tiny_llama_qlora_via_launch_writes_every_artifact(tiny_model, tmp_path,
     steps = [ln for ln in lines if ln.startswith("[train] step")]
     assert len(steps) >= 8 and re.search(r"step 8/8 loss \d+\.\d+ .*tokens/s \d+ .*eta", steps[-1]), steps[-1]
     assert any(ln.startswith("[eval] step 0/8 eval_loss") for ln in lines)
+    # The trainer process (not this one) applied its CPU patches of TRL.
+    assert any(ln.startswith("[train] cpu speed-ups: smaller_lm_head_tiles_on_cpu, score_only_labelled_tokens_on_cpu")
+               for ln in lines)
 
     # Adapter: safetensors LoRA matrices only.
     with safe_open(str(cand / "adapter" / "adapter_model.safetensors"), "pt") as f:
@@ -473,7 +565,7 @@ def test_a_crashing_trainer_raises_with_its_stderr(tiny_model, tmp_path):
 
 def test_killed_trainer_resumes_from_the_newest_complete_checkpoint(tiny_model, tmp_path, caplog):
     from retrain.train.launch import TrainingFailed, train_qlora
-    from retrain.train.qlora.trainer import is_complete_checkpoint, latest_complete_checkpoint
+    from retrain.train.qlora.checkpoints import is_complete_checkpoint, latest_complete_checkpoint
 
     caplog.set_level(logging.INFO, logger=LAUNCH_LOGGER)
     run_dir = make_run_dir(tmp_path / "run", str(tiny_model))

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from psycopg2.extras import Json
 
+from retrain import db
 from retrain.registry import runs
 from retrain.rundir import RunDir
 from retrain.settings import runs_dir
@@ -58,7 +59,7 @@ def registry(pg_url):
     from retrain import db
 
     with db.connection(pg_url) as conn:
-        runs.ensure_runs_schema(conn)
+        db.ensure_schema(conn)
         with conn.cursor() as cur:
             cur.execute("TRUNCATE model_versions, pipeline_runs RESTART IDENTITY")
             rows = [
@@ -260,6 +261,27 @@ def test_json_overview_and_dag_tab_scope(api_server, token):
     assert FAILED_RUN in html and GO_RUN not in html and 'id="uc-product_intent"' not in html
     html = _get(f"{api_server}/retrain/?dag_id=some_etl", token)[2].decode()
     assert "some_etl is not a retraining DAG" in html and "<table>" not in html
+
+
+def test_a_run_airflow_failed_is_shown_failed_not_running(api_server, token, pg_url):
+    """pipeline_runs only knows the stages that recorded themselves; a run failed or marked failed in Airflow
+    (worker lost, timeout, "mark failed" in the UI) must not stay "running" on the page."""
+    import pendulum
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunType
+
+    run_id = "manual__2026-04-01T10:00:00+00:00"
+    with db.connection(pg_url) as conn:
+        runs.record_stage(conn, use_case="email_intel", run_id=run_id, stage="collect_examples", seconds=3.0,
+                          status="running")
+    with create_session() as session:
+        session.add(DagRun(dag_id="retrain_email_intel", run_id=run_id, run_type=DagRunType.MANUAL,
+                           state=DagRunState.FAILED, logical_date=pendulum.datetime(2026, 4, 1, 10)))
+    status, _, body = _get(f"{api_server}/retrain/api/overview?use_case=email_intel", token)
+    row = next(r for r in json.loads(body)["runs"] if r["run_id"] == run_id)
+    assert status == 200 and row["status"] == "failed" and row["airflow_state"] == "failed"
 
 
 def test_report_files_are_served_only_from_the_runs_directory(api_server, token):

@@ -114,7 +114,10 @@ def test_valid_dataset_passes_and_writes_docs_and_summary(tmp_path, uc):
     print(f"\nvalidate_dataset on 120 rows + 120 batch rows: {elapsed:.2f}s")
 
     assert result["success"] is True and result["failed"] == []
-    assert result["expectations"] == 21  # 14 dataset + 7 batch for product_intent's two label fields
+    # 14 dataset + 8 batch (row_defect + 7 per-rule) for product_intent's two label fields; no drift suite
+    # (this hand-written manifest has no drift report: drift is n/a).
+    assert result["expectations"] == 22
+    assert result["drift"]["status"] == "n/a" and result["warnings"] == []
     index = Path(result["data_docs"])
     assert index == run_dir / "data_docs" / "index.html" and index.is_file()
     assert "product_intent.dataset" in index.read_text(encoding="utf-8")
@@ -131,7 +134,7 @@ def test_valid_dataset_passes_and_writes_docs_and_summary(tmp_path, uc):
         "success": True,
     }
     assert summary["suites"]["batch"]["mostly"] == 0.95
-    assert len(summary["expectations"]) == 21
+    assert len(summary["expectations"]) == 22
     by_name = {e["name"]: e for e in summary["expectations"]}
     row_count = by_name["dataset: expect_table_row_count_to_be_between"]
     assert row_count["observed_value"] == 120
@@ -206,6 +209,12 @@ def corrupt_email(rows):
     rows[0] = (rows[0][0] + " send to jane.doe@example.com", rows[0][1])
 
 
+def corrupt_card_after_escape(rows):
+    # A JSON escape right before the number: a regex over the serialized text saw "n4111..." and missed it.
+    text, label = rows[0]
+    rows[0] = (text, {**label, "recipient": "dad\n4111 1111 1111 1111"})
+
+
 def corrupt_too_few_rows(rows):
     del rows[30:]
 
@@ -226,7 +235,9 @@ CASES = [
     ("huge_input", corrupt_huge_input, DS + "be_between(input_chars)", "1000007 (train.jsonl:1)"),
     ("duplicate", corrupt_duplicate, DS + "be_unique(input_norm)", "train.jsonl:2"),
     ("overlap", corrupt_overlap, DS + "be_null(test_input_in_train_or_val)", "test.jsonl:1"),
-    ("email", corrupt_email, DS + "not_match_regex_list(input)", "'<EMAIL redacted>' (train.jsonl:1)"),
+    ("email", corrupt_email, DS + "be_null(input_pii)", "'EMAIL' (train.jsonl:1)"),
+    ("card_after_escape", lambda rows: corrupt_card_after_escape(rows), DS + "be_null(output_pii)",
+     "'CARD' (train.jsonl:1)"),
     ("too_few_rows", corrupt_too_few_rows, "dataset: expect_table_row_count_to_be_between", "30 rows"),
     ("null_input", corrupt_null_input, DS + "not_be_null(input)", "None (train.jsonl:1)"),
     ("empty_train", corrupt_empty_train, "dataset: expect_column_distinct_values_to_contain_set(split)",
@@ -254,9 +265,10 @@ def test_corrupted_dataset_fails_naming_the_expectation(tmp_path, uc, case, corr
     # Docs and summary are written before raising, so the failure can be inspected.
     assert (run_dir / "data_docs" / "index.html").is_file()
     assert json.loads((run_dir / "validation.json").read_text(encoding="utf-8"))["success"] is False
-    if case == "email":
-        assert "jane.doe@example.com" not in message  # the log must not leak what it complains about
-        assert "jane.doe@example.com" not in (run_dir / "validation.json").read_text(encoding="utf-8")
+    if case in ("email", "card_after_escape"):
+        secret = "jane.doe@example.com" if case == "email" else "4111 1111 1111 1111"
+        assert secret not in message  # the log must not leak what it complains about
+        assert secret not in (run_dir / "validation.json").read_text(encoding="utf-8")
     if case == "huge_input":
         assert len(message) < 5000
 
@@ -318,3 +330,136 @@ def test_module_import_stays_light():
     code = "import sys, retrain.data.validate; print(sorted({'great_expectations', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- the batch tolerance counts broken rows, once each (issue 16) --------------------------------------------------
+
+
+def test_four_defects_under_tolerance_each_are_17_5_percent_broken_rows(tmp_path, uc):
+    rows = clean_rows()
+    batch = [(f"{text} numero {k}", label) for k in range(2) for text, label in rows][:200]
+    for i in range(0, 9):  # 4.5% null input
+        batch[i] = (None, batch[i][1])
+    for i in range(20, 29):  # 4.5% not JSON
+        batch[i] = (batch[i][0], "GIFT, economic, shoes")
+    for i in range(40, 49):  # 4.5% schema errors
+        batch[i] = (batch[i][0], {k: v for k, v in batch[i][1].items() if k != "recipient"})
+    for i in range(60, 68):  # 4% too short
+        batch[i] = ("hey", batch[i][1])
+    run_dir = write_run_dir(tmp_path / "run", uc, rows, batch=batch)
+
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(run_dir, uc)
+
+    summary = info.value.summary
+    # Every per-rule expectation alone stays within the 5% tolerance ...
+    assert summary["failed"] == ["batch: expect_column_values_to_be_null(row_defect)"]
+    # ... but 35 of 200 rows are broken.
+    line = next(line for line in str(info.value).splitlines() if "(row_defect)" in line)
+    assert "35 of 200 rows (17.5%) broken, allowed <= 5.0%" in line, line
+    assert "top reasons: empty_input 9 (e.g. batch.jsonl:1: empty_input), invalid_json 9 (e.g. batch.jsonl:21: " \
+        "invalid_json), schema 9 (e.g. batch.jsonl:41: schema: (root): 'recipient' is a required property), " \
+        "input_too_short 8 (e.g. batch.jsonl:61: input_too_short: 3 chars < 5)" in line, line
+    assert summary["suites"]["batch"]["defects"]["broken_rows"] == 35
+    entry = next(e for e in summary["expectations"] if e.get("column") == "row_defect")
+    assert entry["top_reasons"]["schema"] == 9 and len(entry["samples"]) == 4
+
+
+def test_hostile_batch_rows_are_defects_not_crashes(tmp_path, uc):
+    rows = clean_rows()
+    run_dir = write_run_dir(tmp_path / "run", uc, rows)
+    deep = '{"a": ' * 3000 + "1" + "}" * 3000
+    with (run_dir / "batch.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(f'{{"source_id": 500, "input": "regalo profundo", "label_raw": {deep}, "split": "train"}}\n')
+        fh.write(json.dumps({"source_id": 501, "input": "\u200b\u200c\u200d\u2060\ufeff", "label_raw": rows[0][1],
+                             "split": "train"}) + "\n")
+        fh.write(json.dumps({"source_id": 502, "input": "regalo raro", "label_raw": "[" * 3000 + "]" * 3000,
+                             "split": "train"}) + "\n")
+    result = validate_dataset(run_dir, uc)  # 3 of 123 broken: tolerated, and no RecursionError
+    summary = json.loads((run_dir / "validation.json").read_text(encoding="utf-8"))
+    defects = summary["suites"]["batch"]["defects"]
+    assert result["success"] is True and defects["broken_rows"] == 3
+    assert defects["top_reasons"] == {"label_too_deep": 2, "empty_input": 1}
+
+
+# --- drift -----------------------------------------------------------------------------------------------------------
+
+INTENTS = ["GIFT", "PERSONAL_USE", "BUSINESS", "COMPARISON", "URGENT"]
+
+
+def _month_rows(n, prefix, skew=None):
+    rows = []
+    for i in range(n):
+        intent = INTENTS[i % 5] if skew is None else ("GIFT" if i < skew * n else INTENTS[1 + i % 4])
+        rows.append({"input": f"{prefix} product number {i} for the house", "label_raw": {
+            "intent_type": intent, "budget_tier": "economic", "category": "lamp", "recipient": "myself",
+            "context_tags": ["home"], "priority_features": ["price"]}})
+    return rows
+
+
+def _build_month(db_conn, uc, path, rows, run_id):
+    from retrain.data.collect import input_hash, split_for
+    from retrain.data.dataset import build_dataset
+
+    path.mkdir(parents=True)
+    with (path / "batch.jsonl").open("w", encoding="utf-8") as fh:
+        for i, row in enumerate(rows, 1):
+            fh.write(json.dumps({"source_id": i, "feedback": "accepted",
+                                 "split": split_for(input_hash(row["input"]), 0.8, 0.1), **row}) + "\n")
+    build_dataset(db_conn, uc, run_id, path)
+    return path
+
+
+def test_first_month_drift_is_na_not_an_error(db_conn, tmp_path, uc):
+    run_dir = _build_month(db_conn, uc, tmp_path / "m1", _month_rows(300, "a"), "m1")
+    result = validate_dataset(run_dir, uc)
+    assert result["success"] is True and result["drift"]["status"] == "n/a"
+    assert "first month" in result["drift"]["reason"]
+    assert json.loads((run_dir / "validation.json").read_text())["drift"]["status"] == "n/a"
+
+
+def test_ninety_percent_one_label_month_warns_visibly(db_conn, tmp_path, uc, caplog):
+    _build_month(db_conn, uc, tmp_path / "m1", _month_rows(300, "a"), "m1")
+    run_dir = _build_month(db_conn, uc, tmp_path / "m2", _month_rows(200, "b", skew=0.9), "m2")
+    with caplog.at_level("WARNING", logger="retrain.data.validate"):
+        result = validate_dataset(run_dir, uc)
+    assert result["success"] is True  # data.drift.action defaults to warn
+    assert result["drift"]["status"] == "warn" and result["drift"]["level"] == "fail"
+    assert result["drift"]["action"] == "warn"
+    assert "drift: expect_column_max_to_be_between(label_psi[intent_type])" in result["warnings"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    line = next(m for m in warned if "intent_type: label_psi" in m)
+    assert "'GIFT' is 90.0% of this month's rows vs 20.0% of the accumulated dataset" in line
+    assert "(data.drift.label_psi: warn 0.25, fail 1)" in line
+    summary = json.loads((run_dir / "validation.json").read_text())
+    assert summary["success"] is True and summary["drift"]["labels"]["intent_type"]["top"]["share"] == 0.9
+    # Data Docs show it: the drift suite is rendered next to the dataset and batch suites.
+    assert "product_intent.drift" in (run_dir / "data_docs" / "index.html").read_text(encoding="utf-8")
+
+
+def test_ninety_percent_one_label_month_fails_with_action_fail(db_conn, tmp_path, uc):
+    from retrain.schemas.use_case import parse_use_case
+
+    data = uc.model_dump()
+    data["data"]["drift"] = {"action": "fail"}
+    strict = parse_use_case(data)
+    _build_month(db_conn, strict, tmp_path / "m1", _month_rows(300, "a"), "m1")
+    run_dir = _build_month(db_conn, strict, tmp_path / "m2", _month_rows(200, "b", skew=0.9), "m2")
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(run_dir, strict)
+    assert "drift: expect_column_max_to_be_between(label_psi[intent_type])" in info.value.summary["failed"]
+    message = str(info.value)
+    assert "intent_type: label_psi" in message and "'GIFT' is 90.0%" in message
+    assert "data.drift.action: warn" in message  # says how to accept the change
+
+
+def test_drift_levels_are_validated_naming_the_field(uc):
+    from retrain.schemas.use_case import ConfigError, parse_use_case
+
+    data = uc.model_dump()
+    data["data"]["drift"] = {"label_psi": {"warn": 2, "fail": 1}}
+    with pytest.raises(ConfigError, match=r"data\.drift\.label_psi: .*warn \(2\.0\) must not be above fail"):
+        parse_use_case(data)
+    data["data"]["drift"] = {"action": "explode"}
+    with pytest.raises(ConfigError, match=r"data\.drift\.action"):
+        parse_use_case(data)

@@ -12,18 +12,19 @@ Where the database is, in order of precedence:
 from __future__ import annotations
 
 import logging
-import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from retrain import settings
 from retrain.settings import schema_sql_path, state_dir
 
 log = logging.getLogger(__name__)
 
 SCHEMA_SQL = schema_sql_path()
-DEFAULT_CONN_ID = "retrain_db"
+DEFAULT_CONN_ID = settings.DB_CONN_ID
 _embedded: dict[Path, Any] = {}  # keeps server handles alive for the life of the process
 
 
@@ -59,14 +60,8 @@ def stop_embedded(datadir: Path) -> None:
 
 
 def _airflow_connection_dsn(conn_id: str) -> str | None:
-    try:
-        from airflow.sdk import Connection
-    except ImportError:  # the package also runs without Airflow (CLI, notebooks)
-        return None
-    try:
-        conn = Connection.get(conn_id)
-    except Exception as exc:  # not defined, or no Airflow context to ask: fall through to the next source
-        log.debug("Airflow connection %s not available: %s", conn_id, exc)
+    conn = settings.airflow_connection(conn_id)
+    if conn is None:
         return None
     from urllib.parse import quote
 
@@ -83,14 +78,33 @@ def _airflow_connection_dsn(conn_id: str) -> str | None:
 
 def database_dsn() -> tuple[str, str]:
     """(libpq URI, where it came from). The URI may hold a password: never log it."""
-    conn_id = os.environ.get("RETRAIN_DB_CONN_ID", DEFAULT_CONN_ID)
+    conn_id = settings.db_conn_id()
     dsn = _airflow_connection_dsn(conn_id)
     if dsn:
         return dsn, f"airflow connection '{conn_id}'"
-    url = os.environ.get("RETRAIN_DATABASE_URL")
+    url = settings.database_url()
     if url:
         return url, "RETRAIN_DATABASE_URL"
     return start_embedded(), f"embedded PostgreSQL in {state_dir() / 'postgres'}"
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@", re.I)
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def mask_dsn(text: str, dsn: str | None = None) -> str:
+    """``text`` with every password of a libpq URL or key=value DSN replaced by ***, and the whole ``dsn`` (which
+    psycopg2 repeats in some errors, e.g. ``invalid dsn: ...``) replaced by its masked form."""
+    masked_dsn = None
+    if dsn:
+        masked_dsn = _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", dsn))
+        text = text.replace(dsn, masked_dsn)
+        # A password psycopg2 quotes back on its own (e.g. "missing = after 'p4ss'") is masked too.
+        for found in (*_URL_PASSWORD.finditer(dsn), *_KV_PASSWORD.finditer(dsn)):
+            secret = found.groupdict().get("pw") if "pw" in found.groupdict() else found.group(2)
+            if secret and len(secret) >= 3:
+                text = text.replace(secret, "***")
+    return _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text))
 
 
 def connect(dsn: str | None = None):
@@ -101,8 +115,11 @@ def connect(dsn: str | None = None):
         dsn, source = database_dsn()
     try:
         conn = psycopg2.connect(dsn, connect_timeout=10, application_name="retrain")
-    except psycopg2.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except psycopg2.Error as exc:
+        # Every psycopg2 error at connect time, not only OperationalError: "invalid dsn: ..." (ProgrammingError)
+        # quotes the whole DSN, password included.
+        text = str(exc).strip()
+        first = mask_dsn(text.splitlines()[0] if text else type(exc).__name__, dsn)
         raise DatabaseError(
             f"cannot connect to PostgreSQL from {source}: {first}. Check the connection "
             f"(Airflow conn '{DEFAULT_CONN_ID}' or RETRAIN_DATABASE_URL) and that the server is running."
@@ -121,10 +138,14 @@ def connection(dsn: str | None = None) -> Iterator[Any]:
         conn.close()
 
 
+_schema_ready: set[str] = set()  # DSNs whose schema.sql is known to be committed by this process
+
+
 def ensure_schema(conn, *, commit: bool = True) -> None:
     """Create tables and indexes if missing (include/sql/schema.sql); safe to run concurrently and repeatedly.
 
-    ``commit=False`` leaves the DDL and the schema lock in the caller's open transaction, to commit with it.
+    ``commit=False`` leaves the DDL and the schema lock in the caller's open transaction, to commit with it (then
+    call :func:`mark_schema_ready` after that commit).
     """
     sql = SCHEMA_SQL.read_text(encoding="utf-8")
     with conn.cursor() as cur:
@@ -133,26 +154,42 @@ def ensure_schema(conn, *, commit: bool = True) -> None:
         cur.execute(sql)
     if commit:
         conn.commit()
+        _schema_ready.add(conn.dsn)
 
 
-def ensure_schema_once(conn, ready: set[str]) -> bool:
-    """ensure_schema once per process per database (``ready`` holds the DSNs already done), for modules that are
-    handed a connection rather than opening it (registry, run metrics).
+def schema_is_ready(conn) -> bool:
+    """Whether this process already applied schema.sql on this connection's database."""
+    return conn.dsn in _schema_ready
+
+
+def mark_schema_ready(conn) -> None:
+    _schema_ready.add(conn.dsn)
+
+
+def ensure_schema_once(conn) -> bool:
+    """ensure_schema once per process per database, for modules that are handed a connection rather than opening
+    it (registry, run metrics). The one place that tracks schema readiness.
 
     Returns True when the DDL was left pending in a transaction the caller already had open: the caller commits
-    it with its own work and only then adds ``conn.dsn`` to ``ready``.
+    it with its own work and only then calls :func:`mark_schema_ready`.
     """
     import psycopg2.extensions as ext
 
-    if conn.dsn in ready:
+    if schema_is_ready(conn):
         return False
     if conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE:
         ensure_schema(conn)
-        ready.add(conn.dsn)
         return False
     # An earlier read left a transaction open: committing here could commit someone else's half-done work.
     ensure_schema(conn, commit=False)
     return True
+
+
+def tables_exist(conn, *names: str) -> tuple[bool, ...]:
+    """Whether each table exists (read-only: for pages that must not create the schema)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT " + ", ".join(["to_regclass(%s) IS NOT NULL"] * len(names)), names)
+        return tuple(cur.fetchone())
 
 
 def count_examples(conn, use_case: str) -> int:

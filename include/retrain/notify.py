@@ -56,13 +56,16 @@ class AlertConfigError(ValueError):
 def _first_line(exc: Any) -> str:
     if exc is None:
         return "no exception recorded (the task was killed or timed out from outside; see the log)"
+    text = str(exc).strip()
+    lines = [part.strip() for part in text.splitlines() if part.strip()]
+    first = lines[0] if lines else ""
+    if first.endswith(":") and len(lines) > 1:
+        # "use case 'x' is invalid:" followed by one "- field: why" line per error: the fields are the message.
+        first = f"{first} {'; '.join(line.lstrip('- ') for line in lines[1:])}"
     if isinstance(exc, BaseException):
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else ""
         line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     else:  # the DAG processor path may hand over a plain message
-        text = str(exc).strip()
-        line = text.splitlines()[0] if text else "unknown error"
+        line = first or "unknown error"
     return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 1] + "…"
 
 
@@ -132,11 +135,12 @@ def alert_text(p: dict) -> str:
 
 
 def _get_connection(conn_id: str, missing_ok: bool):
-    from airflow.sdk import Connection
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from retrain.settings import airflow_connection
+
     try:
-        return Connection.get(conn_id)
+        return airflow_connection(conn_id, required=True)
     except AirflowNotFoundException:
         if missing_ok:
             log.debug("alert connection %s is not defined: channel skipped", conn_id)
@@ -288,10 +292,10 @@ class EmailNotifier(_ConnNotifier):
             raise AlertConfigError(f"connection '{conn.conn_id}' has no host: set it to the SMTP server's name")
         sender = extra.get("from_email") or conn.login or "airflow@localhost"
         msg = EmailMessage()
-        msg["Subject"] = alert_title(payload)
+        msg["Subject"] = payload.get("title") or alert_title(payload)
         msg["From"] = sender
         msg["To"] = ", ".join(recipients)
-        msg.set_content(alert_text(payload) + "\n\n" + json.dumps(payload, indent=2) + "\n")
+        msg.set_content((payload.get("text") or alert_text(payload)) + "\n\n" + json.dumps(payload, indent=2) + "\n")
 
         timeout = float(extra.get("timeout", 30))
         # Same defaults as Airflow's smtp provider: implicit TLS unless disable_ssl, else STARTTLS unless disable_tls.
@@ -327,3 +331,27 @@ def default_notifiers() -> list[BaseNotifier]:
         SlackWebhookNotifier(SLACK_CONN_ID, missing_ok=True),
         EmailNotifier(EMAIL_CONN_ID, missing_ok=True),
     ]
+
+
+def send_message(event: dict, title: str, text: str) -> list[str]:
+    """A one-off ops message that is not a task failure (e.g. a gate override), through every alert channel whose
+    connection exists. Returns the channels used; with none configured the message is a WARNING log line. A channel
+    that fails is logged and skipped: the message must not fail the stage that sends it."""
+    payload = {**event, "title": title, "text": text}
+    sent = []
+    for conn_id in (WEBHOOK_CONN_ID, SLACK_CONN_ID, EMAIL_CONN_ID):
+        try:
+            conn = _get_connection(conn_id, missing_ok=True)
+            if conn is None:
+                continue
+            if conn_id == WEBHOOK_CONN_ID:
+                post_json(webhook_url(conn), payload, _headers(conn))
+            elif conn_id == SLACK_CONN_ID:
+                post_json(webhook_url(conn), {"text": f"*{title}*\n{text}"}, _headers(conn))
+            else:
+                EmailNotifier(conn_id).send(conn, payload)
+            sent.append(conn_id)
+        except Exception as exc:  # noqa: BLE001 - one broken channel must not hide the message on the others
+            log.warning("ops message '%s' not sent through '%s': %s", title, conn_id, exc)
+    log.warning("%s%s", text, f" (sent through {', '.join(sent)})" if sent else " (no alert channel configured)")
+    return sent

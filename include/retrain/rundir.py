@@ -172,7 +172,13 @@ class RunDir:
 
     @property
     def fingerprint(self) -> Path:
-        return self.candidate / "run_fingerprint.json"
+        """What the checkpoints were computed from (settings, base model, data): a mismatch discards them."""
+        return self.checkpoints / "run_fingerprint.json"
+
+    @property
+    def checkpoint_mirror(self) -> Path:
+        """What was mirrored to S3 (retrain.train.mirror): keys, steps, manifest digests, the last error."""
+        return self.candidate / "checkpoint_mirror.json"
 
     @property
     def adapter(self) -> Path:
@@ -199,6 +205,14 @@ class RunDir:
         return self.candidate / "Modelfile"
 
     @property
+    def trainer_log(self) -> Path:
+        return self.candidate / "trainer.log"
+
+    @property
+    def trainer_pid(self) -> Path:
+        return self.candidate / "trainer.pid"
+
+    @property
     def registered(self) -> Path:
         return self.candidate / "registered.json"
 
@@ -213,6 +227,43 @@ class RunDir:
     @property
     def openai_events(self) -> Path:
         return self.candidate / "openai_events.jsonl"
+
+    # --- hyper-parameter sweep (retrain.sweep): one sub-run directory per candidate --------------------------
+    SWEEP = "sweep"
+
+    @property
+    def sweep(self) -> Path:
+        return self.path / self.SWEEP
+
+    def sweep_candidate(self, name: str) -> RunDir:
+        """A candidate's sub-run directory: its own run_config.json, train_overrides.json, links to the splits."""
+        return RunDir(self.sweep / name)
+
+    @property
+    def sweep_plan(self) -> Path:
+        return self.sweep / "plan.json"
+
+    @property
+    def sweep_scores(self) -> Path:
+        """In a candidate's sub-run directory: its validation scores, one entry per rung."""
+        return self.path / "sweep_scores.json"
+
+    @property
+    def sweep_rung1_result(self) -> Path:
+        """In a candidate's sub-run directory: train_result.json of the first halving rung, moved aside."""
+        return self.path / "rung1_train_result.json"
+
+    @property
+    def sweep_report_json(self) -> Path:
+        return self.sweep / "report.json"
+
+    @property
+    def sweep_report_md(self) -> Path:
+        return self.sweep / "report.md"
+
+    @property
+    def sweep_plot(self) -> Path:
+        return self.sweep / "report.png"
 
     # --- evaluation and decision --------------------------------------------------------------------------
     @property

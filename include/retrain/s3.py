@@ -16,9 +16,10 @@ boto3 is imported inside functions: DAG files import this package at parse time.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
+
+from retrain import settings as _settings
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +32,11 @@ class S3ConfigError(ValueError):
     """The S3 settings are unusable; the message says which setting and how to fix it."""
 
 
-def _airflow_connection(conn_id: str):
-    if not conn_id:
-        return None
-    try:
-        from airflow.sdk import Connection
-    except ImportError:  # the package also runs without Airflow (CLI, benchmarks)
-        return None
-    try:
-        return Connection.get(conn_id)
-    except Exception as exc:  # not defined, or no Airflow context to ask: the environment decides
-        log.debug("Airflow connection %s not available: %s", conn_id, exc)
-        return None
-
-
-def _int_env(name: str, default: int, lo: int, hi: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise S3ConfigError(f"{name}={raw!r} is not an integer; set it to a number between {lo} and {hi}") from None
-    if not lo <= value <= hi:
-        raise S3ConfigError(f"{name}={value} is out of range; set it to a number between {lo} and {hi}")
-    return value
-
-
 def settings() -> dict[str, Any]:
     """Resolved S3 settings. Holds the secret key under ``_secret``: never log or return the whole dict."""
-    conn_id = os.environ.get("RETRAIN_S3_CONN_ID", DEFAULT_CONN_ID).strip()
-    conn = _airflow_connection(conn_id)
+    env = _settings.s3_env()
+    conn_id = env["conn_id"]
+    conn = _settings.airflow_connection(conn_id)
     extra: dict[str, Any] = {}
     if conn is not None:
         try:
@@ -72,24 +47,22 @@ def settings() -> dict[str, Any]:
                 "Admin > Connections (e.g. {\"endpoint_url\": \"http://minio:9000\", \"region_name\": \"us-east-1\"})"
             ) from None
     endpoint = (extra.get("endpoint_url") or (extra.get("service_config") or {}).get("s3", {}).get("endpoint_url")
-                or os.environ.get("RETRAIN_S3_ENDPOINT_URL") or None)
-    region = extra.get("region_name") or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") \
-        or "us-east-1"
-    key_id = (conn.login if conn is not None else None) or extra.get("aws_access_key_id") \
-        or os.environ.get("AWS_ACCESS_KEY_ID") or None
+                or env["endpoint_url"])
+    region = extra.get("region_name") or env["region"] or "us-east-1"
+    key_id = (conn.login if conn is not None else None) or extra.get("aws_access_key_id") or env["access_key_id"]
     secret = (conn.password if conn is not None else None) or extra.get("aws_secret_access_key") \
-        or os.environ.get("AWS_SECRET_ACCESS_KEY") or None
+        or env["secret_access_key"]
     if bool(key_id) != bool(secret):
         raise S3ConfigError(
             "S3 credentials are half set (an access key id without a secret or the reverse): set both "
             f"login and password of the Airflow connection '{conn_id}', or both AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY"
         )
-    mode = os.environ.get("RETRAIN_S3_RETRY_MODE", "standard").strip() or "standard"
+    mode = env["retry_mode"]
     if mode not in ("standard", "adaptive"):
         raise S3ConfigError(f"RETRAIN_S3_RETRY_MODE={mode!r} is not supported; use 'standard' or 'adaptive'")
-    if "RETRAIN_KMS_ENDPOINT_URL" in os.environ:
-        kms_endpoint = os.environ["RETRAIN_KMS_ENDPOINT_URL"].strip() or None
+    if env["kms_endpoint_set"]:
+        kms_endpoint = env["kms_endpoint_url"]
     else:
         # A local emulator (moto, LocalStack) serves KMS on the same port as S3.
         kms_endpoint = extra.get("kms_endpoint_url") or endpoint
@@ -98,12 +71,12 @@ def settings() -> dict[str, Any]:
         "endpoint_url": endpoint,
         "kms_endpoint_url": kms_endpoint,
         "region": region,
-        "bucket": os.environ.get("RETRAIN_S3_BUCKET", "").strip() or extra.get("bucket_name") or DEFAULT_BUCKET,
-        "prefix": (os.environ.get("RETRAIN_S3_PREFIX", DEFAULT_PREFIX).strip() or DEFAULT_PREFIX).strip("/"),
+        "bucket": env["bucket"] or extra.get("bucket_name") or DEFAULT_BUCKET,
+        "prefix": env["prefix"] or DEFAULT_PREFIX,
         "access_key_id": key_id,
         "_secret": secret,
         "retry_mode": mode,
-        "max_attempts": _int_env("RETRAIN_S3_MAX_ATTEMPTS", 12, 1, 50),
+        "max_attempts": _settings.s3_max_attempts(S3ConfigError),
     }
 
 

@@ -21,10 +21,14 @@ variables after import, and nothing here may touch a database or the network at 
 | ``RETRAIN_BACKUP_KMS_KEY_ID`` | wrap data keys with this KMS key instead | unset |
 | ``RETRAIN_BACKUP_UPLOAD_THREADS``, ``RETRAIN_BACKUP_PART_MB`` | multipart upload | 4, 16 |
 | ``RETRAIN_BACKUP_ENABLED``/``_KEEP``/``_CLEANUP``/``_CLEANUP_FILES`` | backup policy when the use case has no ``backup:`` | true, 6, true, batch/split files |
+| ``RETRAIN_CHECKPOINT_MIRROR`` | mirror training checkpoints to S3, encrypted: auto (when S3 + a backup key are set), on, off | auto |
+| ``RETRAIN_RESTORE_ROOTS`` | extra directories restores may write into (os.pathsep-separated) | only ``$RETRAIN_HOME/restores`` |
 | ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` | OpenAI backend when the ``openai_default`` connection is missing | unset |
 | ``RETRAIN_OPENAI_POLL_SECONDS`` | how often the triggerer polls a fine-tuning job | 30 |
 | ``RETRAIN_TIKTOKEN_DIR``, ``RETRAIN_TOKEN_COUNT`` | offline tiktoken files; ``estimate`` skips tiktoken | unset |
 | ``RETRAIN_TRAIN_PROCESSES`` | trainer processes (accelerate); 0 = one per visible GPU | 0 |
+| ``RETRAIN_STACK_API_PORT``, ``RETRAIN_STACK_ADMIN_USER`` | ``retrain stack``: API server port (0 = a free one), UI admin | 0, ``admin`` |
+| ``RETRAIN_WORKER_HOSTNAME`` | the host name a Celery worker reports for its task instances (``retrain stack``) | the FQDN |
 """
 
 from __future__ import annotations
@@ -223,6 +227,37 @@ def backup_policy_env(name: str) -> str:
     return os.environ.get(f"RETRAIN_BACKUP_{name.upper()}", "").strip()
 
 
+def checkpoint_mirror_mode(error: type[Exception] = SettingsError) -> str:
+    """RETRAIN_CHECKPOINT_MIRROR: 'auto' (default: mirror training checkpoints to S3 when S3 and a backup key are
+    configured), 'on' (mirror even with S3 left at its defaults), 'off' (never)."""
+    raw = (os.environ.get("RETRAIN_CHECKPOINT_MIRROR") or "auto").strip().lower()
+    mode = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(raw, raw)
+    if mode not in ("auto", "on", "off"):
+        raise error(f"RETRAIN_CHECKPOINT_MIRROR={raw!r} is not supported; use auto, on or off")
+    return mode
+
+
+def restore_roots() -> list[Path]:
+    """Where restores may write: ``$RETRAIN_HOME/restores`` first, then the RETRAIN_RESTORE_ROOTS directories
+    (os.pathsep-separated absolute paths), all resolved."""
+    extra = [p.strip() for p in os.environ.get("RETRAIN_RESTORE_ROOTS", "").split(os.pathsep) if p.strip()]
+    for p in extra:
+        if not Path(p).expanduser().is_absolute():
+            raise SettingsError(f"RETRAIN_RESTORE_ROOTS entry {p!r} is not an absolute path; list absolute "
+                                f"directories separated by {os.pathsep!r}")
+    return [(state_dir() / "restores").resolve(), *(Path(p).expanduser().resolve() for p in extra)]
+
+
+def airflow_code_folders() -> list[Path]:
+    """The DAGs and plugins folders Airflow loads code from (AIRFLOW__CORE__DAGS_FOLDER / _PLUGINS_FOLDER, and
+    the repository's own), resolved: nothing may ever be unpacked into them."""
+    found = [REPO_ROOT / "dags", REPO_ROOT / "plugins", REPO_ROOT / "include"]
+    for name in ("AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PLUGINS_FOLDER"):
+        if os.environ.get(name, "").strip():
+            found.append(Path(os.environ[name].strip()).expanduser())
+    return [p.resolve() for p in found]
+
+
 # --- OpenAI ---------------------------------------------------------------------------------------------------
 
 
@@ -321,3 +356,38 @@ def export(name: str, value: str, *, only_if_unset: bool = False) -> None:
         os.environ.setdefault(name, value)
     else:
         os.environ[name] = value
+
+
+# --- `retrain stack` (the docker-compose process list, natively) ----------------------------------------------
+
+
+def stack_dir() -> Path:
+    """Logs, secrets and the metadata database of `retrain stack`."""
+    path = state_dir() / "stack"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stack_api_port() -> int:
+    return _int("RETRAIN_STACK_API_PORT", 0, 0, 65535)
+
+
+def stack_admin_user() -> str:
+    return _text("RETRAIN_STACK_ADMIN_USER", "admin")
+
+
+def compose_env() -> dict[str, str]:
+    """The variables docker-compose.yaml interpolates (``${VAR:-default}``): this process's environment."""
+    return dict(os.environ)
+
+
+def openai_api_key_env() -> str:
+    return os.environ.get("OPENAI_API_KEY", "")
+
+
+def worker_hostname() -> str:
+    """Airflow's ``[core] hostname_callable`` for the workers of `retrain stack`: RETRAIN_WORKER_HOSTNAME (two
+    workers on one host need a name each), else the FQDN as Airflow's default does."""
+    import socket
+
+    return _text("RETRAIN_WORKER_HOSTNAME", "") or socket.getfqdn()

@@ -18,7 +18,9 @@ from typing import Any
 from retrain import db
 from retrain.registry.runs import record_run_stage, timed_stage
 from retrain.rundir import RunDir, load_run, write_json
-from retrain.schemas.use_case import apply_params, load_use_case, parse_run_params
+from retrain.evaluate.gate import override_note
+from retrain.schemas.run_params import apply_params, check_run_policy, gate_overrides, parse_run_params
+from retrain.schemas.use_case import load_use_case
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,23 @@ def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
-    """Validate the use case and the run's parameters, create the run directory, make sure the schema exists."""
-    uc = load_use_case(use_case)
+def prepare_run(use_case: str, run_id: str, params: dict | None = None, *, triggered_by: str | None = None) -> dict:
+    """Validate the use case and the run's parameters, create the run directory, make sure the schema exists.
+
+    Everything a retry cannot fix fails here, before any data moves: the file (naming file and field), the Params
+    (types, the use case's limits, the base-model allow-list), and a loosened gate threshold without
+    ``gate_override_reason`` (naming the threshold and the YAML's floor). ``triggered_by`` (the triggering user)
+    is recorded with any gate override."""
+    from retrain.settings import models_root
+
+    floors = load_use_case(use_case)
     run_params = parse_run_params(params or {})
-    uc = apply_params(uc, run_params)
+    check_run_policy(floors, run_params, base_root=models_root() / "base")
+    uc = apply_params(floors, run_params)
+    overrides = gate_overrides(floors.thresholds, uc.thresholds, reason=run_params.gate_override_reason,
+                               by=triggered_by)
+    approval_required, waived = _approval_policy(floors, run_params, triggered_by)
+    overrides += waived
     rd = RunDir.for_run(uc.name, run_id)
     run_dir = rd.path
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,9 +78,14 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
             "run_id": run_id,
             "params": run_params.model_dump(),
             "use_case": uc.model_dump(mode="json"),
+            "triggered_by": triggered_by or "unknown",
+            "gate_overrides": overrides,
+            "approval_required": approval_required,
             "prepared_at": datetime.now(timezone.utc).isoformat(),
         },
     )
+    for o in overrides:
+        log.warning("gate override: %s", override_note(o))
     record_run_stage(rd, "prepare_run", None, status="running")
     log.info("run %s of %s prepared in %s (%d production examples in the table)", run_id, uc.name, run_dir, available)
     return {
@@ -74,8 +93,27 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None) -> dict:
         "use_case": uc.name,
         "backend": uc.training.backend,
         "dry_run": run_params.dry_run,
+        "max_cost_usd": uc.training.max_cost_usd,
         "production_examples": available,
     }
+
+
+def should_train(run_dir: str | Path) -> bool:
+    """Whether this run trains: no when the dataset brought nothing new since the last trained run (the data set's
+    ``training_decision``), unless the run was triggered with force_retrain. A no is logged at WARNING and recorded
+    as status ``no_new_data`` with the reason; everything after the branch is skipped, as on a dry run."""
+    from retrain.data import dataset
+
+    rd = RunDir(run_dir)
+    uc, meta = load_run(rd)
+    manifest = json.loads(rd.manifest.read_text())
+    train, reason = dataset.training_decision(manifest, uc, bool(meta["params"].get("force_retrain")))
+    if not train:
+        log.warning("not training %s this run: %s", uc.name, reason)
+        record_run_stage(rd, "choose_backend", None, status="no_new_data", decision_reasons=[reason])
+    else:
+        log.info("training %s: %s", uc.name, reason)
+    return bool(train)
 
 
 @recorded("collect_examples", lambda r: {"rows_collected": r["rows"]})
@@ -92,6 +130,7 @@ def collect(run_dir: str | Path) -> dict:
             RunDir(run_dir).batch,
             split_ratios=(split.train, split.val),
             sample_limit=meta["params"].get("sample_limit"),
+            pii=uc.pii,
         )
     write_json(RunDir(run_dir).collect, result)
     return {k: result[k] for k in ("rows", "skipped", "replayed")}
@@ -114,6 +153,13 @@ def validate(run_dir: str | Path) -> dict:
     return validate_dataset(run_dir, uc)
 
 
+def _drift_line(drift: dict) -> dict:
+    """Drift status and the message of every metric over its warn level (what the summary and the UI show)."""
+    warnings = [c.get("message") for c in drift.get("checks", []) if c.get("status") in ("warn", "fail")]
+    return {"status": drift.get("status", "n/a"), "warnings": [w for w in warnings if w],
+            "reason": drift.get("reason")}
+
+
 def summarize(run_dir: str | Path) -> dict:
     """One screen for the task log and the demo: where the dataset, its manifest and the Data Docs are."""
     rd = RunDir(run_dir)
@@ -126,6 +172,9 @@ def summarize(run_dir: str | Path) -> dict:
         "manifest": str(rd.manifest),
         "data_docs": validation.get("data_docs"),
         "validation_success": validation.get("success"),
+        "drift": _drift_line(validation.get("drift") or manifest.get("drift") or {}),
+        "label_conflicts": (manifest.get("conflicts") or {}).get("total", 0),
+        "new_rows": manifest.get("new_rows"),
     }
     write_json(rd.summary, summary)
     _, meta = load_run(rd)
@@ -137,8 +186,98 @@ def summarize(run_dir: str | Path) -> dict:
 # --- training, evaluation, gate, deploy ----------------------------------------------------------------------
 
 
+@recorded("train_qlora")
+def train_qlora(run_dir: str | Path) -> dict:
+    """Fine-tune the candidate in the trainer process (resumes from its newest checkpoint when retried).
+
+    Params (adapter, max_train_steps, training_overrides) were validated and frozen into run_config.json by
+    prepare_run: the trainer reads them from there."""
+    from retrain.train.launch import train_qlora as launch
+
+    result = launch(run_dir)
+    return {k: result.get(k) for k in ("backend", "merged_path", "train_loss", "eval_loss", "steps", "seconds")}
+
+
 def _train_result(run_dir: str | Path) -> dict:
     return RunDir(run_dir).read_train_result()
+
+
+# --- hyper-parameter sweeps (retrain.sweep; the DAG maps train_sweep over plan_sweep's candidates) -------------
+
+
+def sweep_requested(run_dir: str | Path) -> bool:
+    """Whether this run sweeps (its sweep Param is on or a number; prepare_run checked the use case has a sweep)."""
+    from retrain.sweep import requested
+
+    return requested(run_dir) > 0
+
+
+def plan_sweep(run_dir: str | Path) -> list[dict]:
+    """One sub-run directory per candidate (the mapped training task's inputs). On the openai backend the
+    candidates' jobs share one cost gate: the sum of their estimates must fit max_cost_usd."""
+    from retrain import sweep
+
+    with timed_stage(run_dir, "plan_sweep"):
+        uc, meta = load_run(run_dir)
+        if uc.training.backend == "openai":
+            from retrain.train.openai.checks import check_and_estimate, job_settings
+
+            limit = job_settings(run_dir)["max_cost_usd"]
+            cost = sweep.openai_cost_check(run_dir, check_and_estimate(run_dir)["estimate"], limit)
+            raise sweep.SweepError(
+                f"sweeps on the openai backend: the candidates' estimated costs sum to ${cost['total_usd']:.4f} "
+                f"(within max_cost_usd=${limit:.2f}), but this DAG trains sweep candidates with QLoRA only; trigger "
+                "with sweep=off, or backend=qlora")
+        return sweep.plan(run_dir)
+
+
+def train_sweep(candidate: dict) -> dict:
+    """Train one sweep candidate in its sub-run directory (resumable; the first halving rung if so planned)."""
+    from retrain.sweep import train
+
+    with timed_stage(candidate["parent_run_dir"], f"train_sweep:{candidate['name']}:rung{candidate.get('rung', 1)}"):
+        return train(candidate)
+
+
+continue_sweep = train_sweep  # successive halving's second rung: the survivors, resumed to their full steps
+
+
+def _val_score(run_dir: str) -> dict:
+    return score_split(run_dir, "val", ("candidate",))["models"]["candidate"]
+
+
+def halve_sweep(results) -> list[dict]:
+    """Successive halving: score the first rung on validation and keep the best ceil(n / eta)."""
+    from retrain.sweep import halve
+
+    results = list(results)
+    with timed_stage(results[0]["parent_run_dir"], "halve_sweep"):
+        return halve(results, _val_score)
+
+
+def select_candidate(results) -> dict:
+    """Pick the sweep's best candidate on validation (it becomes the run's candidate/: register, evaluate and the
+    gate see one candidate as without a sweep), write the sweep report, register the others as not_selected."""
+    from retrain.registry import store as registry
+    from retrain.sweep import select
+
+    results = list(results)
+    run_dir = results[0]["parent_run_dir"]
+    with timed_stage(run_dir, "select_candidate"):
+        report = select(results, _val_score)
+        uc, _ = load_run(run_dir)
+        with db.connection() as conn:
+            for row in report["candidates"]:
+                if row["status"] != "not_selected":
+                    continue
+                registry.record_not_selected(
+                    conn, use_case=uc.name, run_id=row["run_id"], backend=row["backend"] or "qlora",
+                    base_model=str(row["base_model"] or ""), artifact=row["artifact"],
+                    metrics={"validation": {k: row[k] for k in ("primary_score", "json_validity")},
+                             "training": {"eval_loss": row["eval_loss"], "steps": row["steps"]},
+                             "sweep": {"values": row["values"], "winner": report["winner"], "trained": row["trained"]}},
+                    reason=f"sweep of run {report['run_id']}: {report['winner']} scored higher on validation")
+    return {k: report[k] for k in ("winner", "optimizer_steps", "full_grid_steps", "report_md", "plot")}
 
 
 @recorded("register_candidate", lambda r: {"model_version": r["version"]})
@@ -187,7 +326,7 @@ def _conversations(uc, inputs: list[str]) -> list[list[dict]]:
 @recorded("evaluate_candidate")
 def evaluate(run_dir: str | Path) -> dict:
     """Candidate and baseline (production model, or the base model on a first run) answer the same frozen test set."""
-    from retrain.evaluate import inference, metrics
+    from retrain.evaluate import analysis, inference, metrics
     from retrain.registry.deploy import baseline_spec
 
     run_dir = Path(run_dir)
@@ -215,6 +354,8 @@ def evaluate(run_dir: str | Path) -> dict:
                  scores[name]["aggregate"]["primary_score"], scores[name]["aggregate"]["json_validity"],
                  stats.get("p95") or 0.0)
     comparison = metrics.compare(uc, scores["baseline"], scores["candidate"])
+    comparison["analysis"] = analysis.report(uc, scores["baseline"]["per_example"], scores["candidate"]["per_example"],
+                                             budget=budget)
     metrics.write_metrics(run_dir, scores["baseline"], scores["candidate"], comparison)
     write_json(rd.models, {"baseline": baseline, "candidate": candidate})
     return {
@@ -269,6 +410,19 @@ def _labels(models: dict) -> dict:
             "candidate": f"candidate ({Path(name(models['candidate'])).name})"}
 
 
+def _announce_overrides(use_case: str, run_id: str, version: int, decision: dict, overrides: list[dict],
+                        report: str) -> None:
+    """One ops message per decision taken under a loosened gate (a log line when no alert channel is set up)."""
+    from retrain.notify import send_message
+
+    notes = [override_note(o) for o in overrides]
+    title = f"Gate override: {use_case} v{version} decided {decision['decision']} under a loosened gate"
+    body = "\n".join([title, f"Run: {run_id}", *notes, f"Decision: {decision['summary']}", f"Report: {report}"])
+    event = {"event": "gate_override", "use_case": use_case, "run_id": run_id, "version": version,
+             "decision": decision["decision"], "overrides": overrides}
+    send_message(event, title, body)
+
+
 def decide(run_dir: str | Path) -> dict:
     """Apply the go/no-go thresholds, write decision.json and the report, record the decision in the registry."""
     from retrain.evaluate.report import decide_run
@@ -276,9 +430,11 @@ def decide(run_dir: str | Path) -> dict:
     from retrain.registry.runs import decision_fields
 
     rd = RunDir(run_dir)
-    uc, _ = load_run(rd)
+    uc, meta = load_run(rd)
     models = json.loads(rd.models.read_text())
-    out = decide_run(rd.path, uc, baseline_kind=models["baseline"]["baseline_kind"], labels=_labels(models))
+    overrides = meta.get("gate_overrides") or []
+    out = decide_run(rd.path, uc, baseline_kind=models["baseline"]["baseline_kind"], labels=_labels(models),
+                     overrides=overrides)
     decision = out["decision_record"]
     data = rd.read_metrics()
     version = rd.registered_version()
@@ -289,33 +445,84 @@ def decide(run_dir: str | Path) -> dict:
     record_run_stage(rd, "decide", None, model_version=version, metrics=comparison_metrics,
                      **decision_fields(decision))
     log.info("go/no-go for %s v%s:\n%s\nreport: %s", uc.name, version, out["text"], out["report_html"])
+    if overrides:
+        _announce_overrides(uc.name, meta["run_id"], version, decision, overrides, out["report_html"])
     return {k: out[k] for k in ("decision", "summary", "candidate_score", "baseline_score", "report_html")} | {
         "version": version
     }
 
 
 @recorded("deploy_model", lambda r: {"status": "success"})
-def deploy_candidate(run_dir: str | Path, actor: str) -> dict:
+def deploy_candidate(run_dir: str | Path, actor: str, review: dict | None = None) -> dict:
+    """Deploy the candidate; after a review (``review``: the approval task's XCom) the approver is the actor."""
+    from retrain.approval import registry_entry
     from retrain.registry import deploy
 
     uc, meta = load_run(run_dir)
     version = RunDir(run_dir).registered_version()
     decision = RunDir(run_dir).read_decision()
+    entry = registry_entry(review, actor=actor, summary=decision["summary"])
     with db.connection() as conn:
-        return _jsonable(deploy.deploy(conn, use_case=uc.name, version=version, actor=actor,
-                                       reason=decision["summary"], run_id=meta["run_id"]))
+        out = _jsonable(deploy.deploy(conn, use_case=uc.name, version=version, run_id=meta["run_id"], **entry))
+    _record_review(run_dir, review, entry)
+    return out | ({"review": review} if review else {})
 
 
-@recorded("reject_candidate", lambda r: {"status": "no_go"})
-def reject_candidate(run_dir: str | Path, actor: str) -> dict:
+@recorded("reject_candidate", lambda r: {"status": "rejected" if r.get("review") else "no_go"})
+def reject_candidate(run_dir: str | Path, actor: str, review: dict | None = None) -> dict:
+    """Reject the candidate (a NO-GO, or a reviewer's Reject: ``review`` is the approval task's XCom)."""
+    from retrain.approval import registry_entry
     from retrain.registry import store as registry
 
     uc, meta = load_run(run_dir)
     version = RunDir(run_dir).registered_version()
     decision = RunDir(run_dir).read_decision()
+    entry = registry_entry(review, actor=actor, summary=decision["summary"])
     with db.connection() as conn:
-        return _jsonable(registry.reject(conn, use_case=uc.name, version=version, actor=actor,
-                                         reason=decision["summary"], run_id=meta["run_id"]))
+        out = _jsonable(registry.reject(conn, use_case=uc.name, version=version, run_id=meta["run_id"], **entry))
+    _record_review(run_dir, review, entry)
+    return out | ({"review": review} if review else {})
+
+
+# --- human approval (retrain.approval) ------------------------------------------------------------------------
+
+
+def _approval_policy(floors, run_params, triggered_by: str | None) -> tuple[bool, list[dict]]:
+    """Whether this run's GO waits for a reviewer; waiving the YAML's approval: required is a recorded override."""
+    from retrain.approval import resolve
+
+    return resolve(floors.approval, run_params.approval, reason=run_params.gate_override_reason, by=triggered_by)
+
+
+def approval_request(run_dir: str | Path, *, dag_id: str, run_id: str) -> dict | None:
+    """After a GO: the request a reviewer answers (subject, Markdown body, report and UI links), or None when this
+    run deploys without one. Marks the run ``awaiting_approval`` in pipeline_runs."""
+    from retrain.approval import FILES_URL, request_message
+    from retrain.settings import runs_dir
+
+    rd = RunDir(run_dir)
+    uc, meta = load_run(rd)
+    if not meta.get("approval_required"):
+        return None
+    report = rd.report_html.resolve()
+    root = runs_dir().resolve()
+    link = f"{FILES_URL}/{report.relative_to(root).as_posix()}" if report.is_relative_to(root) else None
+    request = request_message(use_case=uc.name, version=rd.registered_version(), decision=rd.read_decision(),
+                              metrics=rd.read_metrics()["comparison"]["metrics"], report_link=link, dag_id=dag_id,
+                              run_id=run_id)
+    record_run_stage(rd, "decide", None, status="awaiting_approval")
+    log.info("%s v%s waits for a reviewer's Deploy/Reject: %s", uc.name, rd.registered_version(), request["ui"])
+    return request
+
+
+def _record_review(run_dir: str | Path, review: dict | None, entry: dict) -> None:
+    """The reviewer's answer next to the gate's reasons in pipeline_runs (the UI's decision column)."""
+    if not review:
+        return
+    from retrain.registry.runs import decision_fields
+
+    reasons = decision_fields(RunDir(run_dir).read_decision()).get("decision_reasons") or []
+    record_run_stage(run_dir, "approve_deployment", None, decision_reasons=[*reasons, f"review: {entry['reason']}"])
 
 
 # --- backups --------------------------------------------------------------------------------------------------

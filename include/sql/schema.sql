@@ -38,6 +38,46 @@ CREATE TABLE IF NOT EXISTS collection_runs (
     PRIMARY KEY (use_case, run_id)
 );
 
+-- Late corrections (issue 16): collection walks (updated_at, id), so a row corrected after it was collected is
+-- collected again next month, exactly once. Rows that existed before this column get the epoch (collected or not
+-- by the old id watermark, see retrain/data/collect.py); new rows get now(); a trigger bumps it on every change of
+-- the example. Guarded by catalog checks instead of ADD COLUMN IF NOT EXISTS / DROP TRIGGER: those take an
+-- ACCESS EXCLUSIVE lock on the production table at every run start even when there is nothing to do.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'production_examples'::regclass
+                   AND attname = 'updated_at' AND NOT attisdropped) THEN
+        ALTER TABLE production_examples ADD COLUMN updated_at TIMESTAMPTZ NOT NULL DEFAULT '1970-01-01 00:00:00+00';
+        ALTER TABLE production_examples ALTER COLUMN updated_at SET DEFAULT now();
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION production_examples_touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END $$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'production_examples'::regclass
+                   AND tgname = 'production_examples_touch' AND NOT tgisinternal) THEN
+        CREATE TRIGGER production_examples_touch BEFORE UPDATE ON production_examples FOR EACH ROW
+            WHEN (OLD.input IS DISTINCT FROM NEW.input OR OLD.model_output IS DISTINCT FROM NEW.model_output
+                  OR OLD.corrected_output IS DISTINCT FROM NEW.corrected_output OR OLD.feedback IS DISTINCT FROM NEW.feedback)
+            EXECUTE FUNCTION production_examples_touch();
+    END IF;
+END $$;
+
+CREATE INDEX IF NOT EXISTS production_examples_updated_idx
+    ON production_examples (use_case, updated_at, id);
+
+-- The watermark and each run's window in (updated_at, id) order. NULL row_updated_at = a watermark written by
+-- the id-only collector: it continues from (epoch, id), which is where the pre-existing rows sort.
+ALTER TABLE collection_watermarks ADD COLUMN IF NOT EXISTS row_updated_at TIMESTAMPTZ;
+ALTER TABLE collection_runs ADD COLUMN IF NOT EXISTS from_updated_at TIMESTAMPTZ;
+ALTER TABLE collection_runs ADD COLUMN IF NOT EXISTS to_updated_at TIMESTAMPTZ;
+
 -- The curated (scrubbed) dataset, accumulated across months. An example's split is fixed by the hash of its
 -- normalised input; test rows are frozen at first sight so every month is evaluated on a superset of the
 -- previous months' test set.
@@ -116,3 +156,35 @@ CREATE TABLE IF NOT EXISTS pipeline_runs (
     PRIMARY KEY (use_case, run_id)
 );
 CREATE INDEX IF NOT EXISTS pipeline_runs_recent_idx ON pipeline_runs (started_at DESC);
+
+-- The manifest digest (SHA-256 of the manifest object's bytes) of the latest backup written under each backup id.
+-- verify/restore refuse a manifest with another digest: an older backup copied back into the bucket. Written by
+-- retrain.backup.versions.
+CREATE TABLE IF NOT EXISTS backup_versions (
+    backup_id        TEXT        PRIMARY KEY,
+    use_case         TEXT        NOT NULL,
+    run_id           TEXT        NOT NULL,
+    manifest_sha256  TEXT        NOT NULL,
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Label precedence (retrain.data.dataset): a human correction is never replaced by an accepted model output, and
+-- of two human corrections the newer (label_updated_at, else source_id) wins.
+ALTER TABLE dataset_examples ADD COLUMN IF NOT EXISTS label_human BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE dataset_examples ADD COLUMN IF NOT EXISTS label_updated_at TIMESTAMPTZ;
+
+-- Sweeps (issue 19): the candidates of a hyper-parameter sweep that lost on the validation split are registered as
+-- not_selected, with their scores (retrain.registry.store.record_not_selected). The status CHECK gains the value
+-- only when it lacks it, keeping every value it already allows (other additions included).
+DO $$
+DECLARE
+    def TEXT;
+BEGIN
+    SELECT pg_get_constraintdef(oid) INTO def FROM pg_constraint
+     WHERE conrelid = 'model_versions'::regclass AND conname = 'model_versions_status_check';
+    IF def IS NOT NULL AND position('not_selected' IN def) = 0 AND position('ARRAY[' IN def) > 0 THEN
+        ALTER TABLE model_versions DROP CONSTRAINT model_versions_status_check;
+        EXECUTE 'ALTER TABLE model_versions ADD CONSTRAINT model_versions_status_check '
+                || replace(def, 'ARRAY[', 'ARRAY[''not_selected''::text, ');
+    END IF;
+END $$;

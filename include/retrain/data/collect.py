@@ -1,10 +1,23 @@
-"""collect_examples: stream this month's new production examples out of PostgreSQL.
+"""collect_examples: stream this month's new and corrected production examples out of PostgreSQL.
 
-Incremental by a per-use-case watermark on the row id (insertion order), not on created_at: a row that arrives
-late with an old timestamp is still collected next month instead of being skipped for ever. The window a run collects is recorded in
-``collection_runs`` in the same transaction that moves the watermark, so a retried or cleared task replays
-exactly the same window and the watermark never moves twice. Rows are streamed through a server-side cursor and
-scrubbed of personal data before they touch the disk: memory stays flat however large the month is.
+Source-table contract (``production_examples``; the production app needs no change): the app INSERTs one row per
+answered request (``use_case``, ``input``, ``model_output`` jsonb, ``feedback`` accepted/corrected/rejected,
+optionally ``created_at``) and UPDATEs the same row when a human corrects it (``corrected_output``, ``feedback``).
+It never writes ``updated_at``: the column defaults to now() on insert and the ``production_examples_touch``
+trigger (include/sql/schema.sql) sets it to now() whenever input, output, correction or feedback change.
+
+Incremental by a per-use-case watermark on (updated_at, id), not on created_at: a row that arrives late with an
+old timestamp is still collected next run, and a row corrected after it was collected is collected again, once,
+with its correction (each batch line carries ``updated_at`` so build_dataset lets the newest correction win). The
+window a run collects is recorded in ``collection_runs`` in the same transaction that moves the watermark, so a
+retried or cleared task replays exactly the same window and the watermark never moves twice; a row corrected
+between a try and its retry leaves that window and is collected by the next run instead (never twice, never lost).
+Known limit, shared by any watermark: a transaction that stays open across a collection and then commits writes
+an updated_at (its start time) behind the watermark, so keep correcting transactions short.
+
+Rows are streamed through a server-side cursor and scrubbed of personal data before they touch the disk (inputs as
+text, labels as decoded JSON: every string value, never the serialized text): memory stays flat however large the
+month is.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from retrain.data.scrub import scrub_text
+from retrain.data.scrub import might_contain_pii, scrub_text, scrub_value
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +42,23 @@ FETCH_ROWS = 5000  # rows per round trip of the server-side cursor; bounds memor
 # Initial watermark: before any plausible production row.
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-# jsonb comes back as its text form: we pass labels through as JSON text (scrubbed) instead of paying for a
-# parse + re-serialise of every row in Python. build_dataset parses them once, when it checks the contract.
+# jsonb comes back as its text form: a label without escapes and without anything a detector could match is passed
+# through as that text; only the others are parsed, scrubbed value by value and serialised again.
 _SELECT_WINDOW = """
-    SELECT id, input, model_output::text, corrected_output::text, feedback
+    SELECT id, input, model_output::text, corrected_output::text, feedback,
+           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
     FROM production_examples
     WHERE use_case = %(use_case)s
-      AND id > %(from_id)s AND id <= %(to_id)s
-    ORDER BY id
+      AND updated_at >= %(from_ts)s AND updated_at <= %(to_ts)s
+      AND (updated_at, id) > (%(from_ts)s, %(from_id)s) AND (updated_at, id) <= (%(to_ts)s, %(to_id)s)
+    ORDER BY updated_at, id
 """
+# The plain range on updated_at is redundant with the row comparisons but lets the planner estimate the window:
+# without it PostgreSQL guessed ~100 rows and sorted a million on disk instead of walking the index in order.
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return None if ts is None else ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def normalise(text: str) -> str:
@@ -75,53 +96,73 @@ def pick_label(feedback: str, model_output: Any, corrected_output: Any) -> tuple
 
 
 def _window(cur, use_case: str, run_id: str, sample_limit: int | None) -> tuple[dict, bool]:
+    """(window, replay): (from_ts, from_id] exclusive .. (to_ts, to_id] inclusive in (updated_at, id) order."""
     cur.execute(
-        "SELECT from_created_at, from_id, to_created_at, to_id FROM collection_runs "
+        "SELECT from_updated_at, from_id, to_updated_at, to_id, from_created_at, to_created_at FROM collection_runs "
         "WHERE use_case = %s AND run_id = %s",
         (use_case, run_id),
     )
     done = cur.fetchone()
     if done is not None:
-        f_ts, f_id, t_ts, t_id = done
-        return {"from_ts": f_ts, "from_id": f_id, "to_ts": t_ts, "to_id": t_id}, True
+        f_ts, f_id, t_ts, t_id, f_created, t_created = done
+        # A run recorded by the id-only collector: its rows sort at the epoch (see schema.sql).
+        return {"from_ts": f_ts or _EPOCH, "from_id": f_id, "to_ts": t_ts or _EPOCH, "to_id": t_id,
+                "from_created_at": f_created, "to_created_at": t_created}, True
 
     # Lock the use case's watermark so two runs cannot collect the same rows concurrently.
     cur.execute(
-        "INSERT INTO collection_watermarks (use_case, created_at, id, run_id) "
-        "VALUES (%s, %s, 0, '') ON CONFLICT (use_case) DO NOTHING",
-        (use_case, _EPOCH),
+        "INSERT INTO collection_watermarks (use_case, created_at, id, run_id, row_updated_at) "
+        "VALUES (%s, %s, 0, '', %s) ON CONFLICT (use_case) DO NOTHING",
+        (use_case, _EPOCH, _EPOCH),
     )
     cur.execute(
-        "SELECT created_at, id FROM collection_watermarks WHERE use_case = %s FOR UPDATE", (use_case,)
+        "SELECT COALESCE(row_updated_at, %s), id, created_at FROM collection_watermarks WHERE use_case = %s "
+        "FOR UPDATE",
+        (_EPOCH, use_case),
     )
-    from_ts, from_id = cur.fetchone()
+    from_ts, from_id, from_created = cur.fetchone()
     params = {"use_case": use_case, "from_ts": from_ts, "from_id": from_id}
+    newer = ("SELECT updated_at, id, created_at FROM production_examples WHERE use_case = %(use_case)s "
+             "AND updated_at >= %(from_ts)s AND (updated_at, id) > (%(from_ts)s, %(from_id)s) ")
+    upper = None
     if sample_limit:
-        cur.execute(
-            "SELECT created_at, id FROM production_examples WHERE use_case = %(use_case)s "
-            "AND id > %(from_id)s ORDER BY id OFFSET %(offset)s LIMIT 1",
-            {**params, "offset": sample_limit - 1},
-        )
+        cur.execute(newer + "ORDER BY updated_at, id OFFSET %(offset)s LIMIT 1", {**params, "offset": sample_limit - 1})
         upper = cur.fetchone()
-    else:
-        upper = None
     if upper is None:
-        cur.execute(
-            "SELECT created_at, id FROM production_examples WHERE use_case = %(use_case)s "
-            "AND id > %(from_id)s ORDER BY id DESC LIMIT 1",
-            params,
-        )
+        cur.execute(newer + "ORDER BY updated_at DESC, id DESC LIMIT 1", params)
         upper = cur.fetchone()
     if upper is None:  # nothing new: an empty window
-        upper = (from_ts, from_id)
-    return {"from_ts": from_ts, "from_id": from_id, "to_ts": upper[0], "to_id": upper[1]}, False
+        upper = (from_ts, from_id, from_created)
+    return {"from_ts": from_ts, "from_id": from_id, "to_ts": upper[0], "to_id": upper[1],
+            "from_created_at": from_created, "to_created_at": upper[2]}, False
 
 
-def format_chunk(rows: list[tuple], train_cut: int, val_cut: int) -> tuple[str, int, Counter, Counter]:
+def _label_json(label: str, scrubbed: Counter, pii, fast: bool = True) -> str:
+    """The label's JSON text with every decoded string value scrubbed (keys kept). ``fast``: the pass-through
+    below is sound (no names/addresses detection, which has no cheap pre-check)."""
+    if fast and "\\" not in label and not might_contain_pii(label):
+        return label  # no escapes: its strings are substrings of the text, and no detector fires on the text
+    try:
+        value = json.loads(label)
+    except ValueError:  # not JSON (cannot come from jsonb): scrubbed as text, build_dataset rejects it
+        return encode_basestring(scrub_text(label, scrubbed, pii))
+    before = sum(scrubbed.values())
+    value = scrub_value(value, scrubbed, pii)
+    if sum(scrubbed.values()) == before:
+        return label
+    return json.dumps(value, ensure_ascii=False)
+
+
+_LABEL_CACHE: dict[Any, dict[str, tuple[str, Counter]]] = {}
+_LABEL_CACHE_SIZE = 20_000  # ~5 MB of label texts per process
+
+
+def format_chunk(rows: list[tuple], train_cut: int, val_cut: int, pii=None) -> tuple[str, int, Counter, Counter]:
     """Scrub, split and serialise a chunk of rows into batch.jsonl lines: (text, rows written, skipped, PII counts).
 
     The hot path of collection (a million rows a month is normal): local names, no per-row dicts, the C JSON
-    string encoder, and the label passed through as jsonb text instead of parsed and re-serialised.
+    string encoder, and a label without escapes or PII candidates passed through as jsonb text.
+    ``pii`` is the use case's ``pii:`` block (names/addresses); None scrubs the always-on categories only.
     """
     skipped: Counter[str] = Counter()
     scrubbed: Counter[str] = Counter()
@@ -129,23 +170,34 @@ def format_chunk(rows: list[tuple], train_cut: int, val_cut: int) -> tuple[str, 
     sha256 = hashlib.sha256
     out: list[str] = []
     append = out.append
-    for source_id, text, model_output, corrected_output, feedback in rows:
+    fast = pii is None or not (pii.names or pii.addresses)
+    # Labels repeat (enum-heavy outputs): each distinct label text is scrubbed once per worker process.
+    labels = _LABEL_CACHE.setdefault((None if pii is None else (pii.names, pii.addresses)), {})
+    if len(labels) > _LABEL_CACHE_SIZE:
+        labels.clear()
+    for source_id, text, model_output, corrected_output, feedback, updated_at in rows:
         label, reason = pick_label(feedback, model_output, corrected_output)
         if reason:
             skipped[reason] += 1
             continue
         if text is not None:
-            text = scrub_text(text, scrubbed)
+            text = scrub_text(text, scrubbed, pii)
             # Same bucket as split_for(input_hash(text)): first 4 bytes of the SHA-256 of the normalised input.
             bucket = int.from_bytes(sha256(" ".join(text.lower().split()).encode()).digest()[:4], "big")
             split = '"train"' if bucket < train_cut else '"val"' if bucket < val_cut else '"test"'
             text_json = quote(text)
         else:
             split = text_json = "null"
-        # jsonb text is valid JSON, and placeholders like [EMAIL] keep it valid after scrubbing.
+        cached = labels.get(label)
+        if cached is None:
+            found: Counter[str] = Counter()
+            cached = labels[label] = (_label_json(label, found, pii, fast), found)
+        label_json, found = cached
+        if found:
+            scrubbed.update(found)
         append(
-            f'{{"source_id": {source_id}, "input": {text_json}, "label_raw": {scrub_text(label, scrubbed)}, '
-            f'"feedback": "{feedback}", "split": {split}}}\n'
+            f'{{"source_id": {source_id}, "input": {text_json}, "label_raw": {label_json}, '
+            f'"feedback": "{feedback}", "split": {split}, "updated_at": "{updated_at}"}}\n'
         )
     return "".join(out), len(out), skipped, scrubbed
 
@@ -154,18 +206,18 @@ PARALLEL_MIN_ROWS = 50_000  # below this, worker start-up costs more than it sav
 
 
 def _workers_for(window: dict) -> int:
-    # Ids are shared by all use cases, so the id span over-estimates the rows: good enough to decide.
-    span = (window["to_id"] or 0) - (window["from_id"] or 0)
+    # Ids are shared by all use cases and corrections revisit old ids, so the id span is a rough size: good enough.
+    span = abs((window["to_id"] or 0) - (window["from_id"] or 0))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(cpus, 4) if span >= PARALLEL_MIN_ROWS and cpus > 1 else 0
 
 
-def _format_chunks(chunks, train_cut: int, val_cut: int, workers: int):
+def _format_chunks(chunks, train_cut: int, val_cut: int, workers: int, pii=None):
     """Yield formatted chunks in order. With workers, scrubbing runs in parallel processes while this process
     keeps fetching; at most 2 chunks per worker are in flight, so memory stays bounded however big the month."""
     if not workers:
         for rows in chunks:
-            yield format_chunk(rows, train_cut, val_cut)
+            yield format_chunk(rows, train_cut, val_cut, pii)
         return
     import multiprocessing
     from collections import deque
@@ -175,7 +227,7 @@ def _format_chunks(chunks, train_cut: int, val_cut: int, workers: int):
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: deque = deque()
         for rows in chunks:
-            pending.append(pool.submit(format_chunk, rows, train_cut, val_cut))
+            pending.append(pool.submit(format_chunk, rows, train_cut, val_cut, pii))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -190,11 +242,14 @@ def collect_examples(
     *,
     split_ratios: tuple[float, float] = (0.8, 0.1),
     sample_limit: int | None = None,
+    pii=None,
 ) -> dict:
     """Write this run's new examples, scrubbed, to ``out_file`` (batch.jsonl) and return counts.
 
-    Each line: {"source_id", "input", "label_raw", "feedback", "split"}. Rows whose label cannot be trusted
-    (rejected, corrected without a fix) are counted, not written.
+    Each line: {"source_id", "input", "label_raw", "feedback", "split", "updated_at"} (updated_at: ISO 8601 UTC,
+    the row's last change). Rows whose label cannot be trusted (rejected, corrected without a fix) are counted,
+    not written. ``pii``: the use case's ``pii:`` block (retrain.schemas.pii.PiiConfig); None = names and
+    addresses off.
     """
     started = time.monotonic()
     out_file = Path(out_file)
@@ -214,7 +269,7 @@ def collect_examples(
         stream.itersize = FETCH_ROWS
         stream.execute(_SELECT_WINDOW, {"use_case": use_case, **window})
         chunks = iter(lambda: stream.fetchmany(FETCH_ROWS), [])
-        for text, n, skip, pii in _format_chunks(chunks, train_cut, val_cut, workers):
+        for text, n, skip, pii in _format_chunks(chunks, train_cut, val_cut, workers, pii):
             fh.write(text)
             written += n
             skipped.update(skip)
@@ -226,23 +281,27 @@ def collect_examples(
         if not replay:
             cur.execute(
                 "INSERT INTO collection_runs (use_case, run_id, from_created_at, from_id, to_created_at, to_id, "
-                "rows_collected, rows_skipped) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (use_case, run_id) DO NOTHING",
+                "from_updated_at, to_updated_at, rows_collected, rows_skipped) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (use_case, run_id) DO NOTHING",
                 (
                     use_case,
                     run_id,
-                    window["from_ts"],
+                    window["from_created_at"],
                     window["from_id"],
-                    window["to_ts"],
+                    window["to_created_at"],
                     window["to_id"],
+                    window["from_ts"],
+                    window["to_ts"],
                     written,
                     json.dumps(dict(skipped)),
                 ),
             )
+            # Forward only: a watermark already at or past this window (another run) stays where it is.
             cur.execute(
-                "UPDATE collection_watermarks SET created_at = %s, id = %s, run_id = %s, updated_at = now() "
-                "WHERE use_case = %s AND id < %s",
-                (window["to_ts"], window["to_id"], run_id, use_case, window["to_id"]),
+                "UPDATE collection_watermarks SET created_at = %s, id = %s, row_updated_at = %s, run_id = %s, "
+                "updated_at = now() WHERE use_case = %s AND (COALESCE(row_updated_at, %s), id) < (%s, %s)",
+                (window["to_created_at"], window["to_id"], window["to_ts"], run_id, use_case, _EPOCH,
+                 window["to_ts"], window["to_id"]),
             )
     # The file is complete before the watermark commits: a crash in between replays the same window.
     os.replace(tmp, out_file)
@@ -254,7 +313,10 @@ def collect_examples(
         "skipped": dict(skipped),
         "scrubbed": dict(scrubbed),
         "replayed": replay,
-        "window": {k: str(v) for k, v in window.items()},
+        "window": {
+            "from_updated_at": _iso(window["from_ts"]), "from_id": window["from_id"],
+            "to_updated_at": _iso(window["to_ts"]), "to_id": window["to_id"],
+        },
         "seconds": round(seconds, 2),
         "file": str(out_file),
     }

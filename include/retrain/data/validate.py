@@ -6,8 +6,15 @@ Two GX batches are validated:
   rule is strict (mostly=1.0): build_dataset already dropped broken rows, so a single bad row here means
   the builder or the contract is wrong.
 * ``batch`` - batch.jsonl, every row collected this run including the ones build_dataset rejected. The
-  same row-level rules run with mostly = 1 - data.max_rejected_fraction, so a normal month with a few
-  broken rows passes but a month where the source system went bad stops the pipeline.
+  tolerance counts rows, not rule violations: ``row_defect`` holds the first reason build_dataset's contract
+  check (retrain.data.dataset.check_example) gives for a row, and the batch fails when more than
+  data.max_rejected_fraction of its rows have one (a row with three defects counts once; four kinds of defect at
+  4.5% each are 17.5% broken rows, not four passes). The per-rule expectations run with the same tolerance and
+  show which rule the broken rows break.
+* ``drift`` - when build_dataset could compare this month with the accumulated dataset (manifest.json's
+  ``drift``, retrain.data.drift), one expectation per metric at its warn level. Drift warns (a WARNING log line,
+  a "drift" entry in the result); it fails the run only with data.drift.action: fail and a metric above its
+  fail level. The first month has nothing to compare with: drift is "n/a", never an error.
 
 GX sees derived columns rather than raw JSONL lines: raw data can be anything (null, 1 MB, non-JSON,
 wrong types) and GX's pandas metrics raise on some of those, which would turn one bad row into a
@@ -22,20 +29,25 @@ seconds and this module is imported by DAG files at parse time.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from retrain.data.dataset import TooDeep, check_example, json_depth, parse_batch_line
+from retrain.data.datadocs import make_offline
+from retrain.data.drift import drift_failures
+from retrain.rundir import RunDir, write_json
 from retrain.schemas.use_case import UseCase
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
-DATASET_FILES = tuple(f"{s}.jsonl" for s in SPLITS)
-BATCH_FILE = "batch.jsonl"
-DOCS_DIR = "data_docs"
-REPORT_FILE = "validation.json"
 EXPECTED_ROLES = "system,user,assistant"
+_TOP_REASONS = 5  # defect kinds named in the batch failure line
 
 _SITE = "run_dir"
 _EXAMPLES = 3  # offending values quoted per failed expectation in the error message
@@ -62,15 +74,17 @@ def validate_dataset(run_dir: str | Path, uc: UseCase) -> dict:
     """
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
-    _require_files(run_dir)
+    rd = RunDir(run_dir)
+    _require_files(rd)
 
-    dataset_rows = _dataset_rows(run_dir, uc)
-    batch_rows = _batch_rows(run_dir, uc)
+    dataset_rows = _dataset_rows(rd, uc)
+    batch_rows = _batch_rows(rd, uc)
+    drift = _drift(rd)
 
     import great_expectations as gx  # seconds to import: keep it out of DAG parsing
     import pandas as pd
 
-    docs_dir = run_dir / DOCS_DIR
+    docs_dir = rd.data_docs
     # A retried task must not show last attempt's results next to this one's.
     shutil.rmtree(docs_dir, ignore_errors=True)
     context = _ephemeral_context(gx, docs_dir)
@@ -98,10 +112,14 @@ def validate_dataset(run_dir: str | Path, uc: UseCase) -> dict:
     }
     if batch_rows:
         batches.append(("batch", batch_rows, mostly_batch, _batch_expectations))
+        suites_summary["batch"]["defects"] = _defect_summary(batch_rows)
     else:
         suites_summary["batch"].update(
-            skipped=True, reason=f"{BATCH_FILE} has no rows (nothing new collected this run)"
+            skipped=True, reason=f"{rd.batch.name} has no rows (nothing new collected this run)"
         )
+    if drift["status"] != "n/a" and drift.get("checks"):
+        batches.append(("drift", [_drift_row(drift)], 1.0, _drift_expectations(drift)))
+        suites_summary["drift"] = {"rows": 1, "action": drift.get("action"), "skipped": False}
 
     results: list[dict[str, Any]] = []
     for name, rows, mostly, build in batches:
@@ -129,9 +147,13 @@ def validate_dataset(run_dir: str | Path, uc: UseCase) -> dict:
         results.extend(_summarise(name, r, mostly) for r in ordered)
 
     context.build_data_docs(site_names=[_SITE])
+    make_offline(docs_dir)  # vendored assets instead of CDNs; the index readable without JavaScript
     index = docs_dir / "index.html"
 
-    failed = [r for r in results if not r["success"]]
+    _annotate(results, suites_summary, drift)
+    failed = [r for r in results if not r["success"] and r.get("severity") != "warning"]
+    warnings = [r for r in results if not r["success"] and r.get("severity") == "warning"]
+    drift_summary = _drift_summary(uc, drift)
     summary = {
         "use_case": uc.name,
         "run_dir": str(run_dir),
@@ -142,18 +164,21 @@ def validate_dataset(run_dir: str | Path, uc: UseCase) -> dict:
         "suites": suites_summary,
         "expectations": results,
         "failed": [r["name"] for r in failed],
+        "warnings": [r["name"] for r in warnings],
+        "drift": drift,
     }
-    report = run_dir / REPORT_FILE
-    report.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    report = write_json(rd.validation, summary)
 
     if failed:
-        message = _failure_message(uc, run_dir, results, failed, index, suites_summary)
+        message = _failure_message(uc, rd, results, failed, index, suites_summary)
         raise DataValidationError(message, summary)
     return {
         "success": True,
         "data_docs": str(index),
         "expectations": len(results),
         "failed": [],
+        "warnings": [r["name"] for r in warnings],
+        "drift": drift_summary,
         "report": str(report),
     }
 
@@ -161,22 +186,23 @@ def validate_dataset(run_dir: str | Path, uc: UseCase) -> dict:
 # --- reading the contract files ----------------------------------------------------------------------
 
 
-def _require_files(run_dir: Path) -> None:
-    if not run_dir.is_dir():
+def _require_files(rd: RunDir) -> None:
+    if not rd.path.is_dir():
         raise FileNotFoundError(
-            f"run directory {run_dir} does not exist; run build_dataset first (it creates the directory "
+            f"run directory {rd.path} does not exist; run build_dataset first (it creates the directory "
             f"and the dataset files)."
         )
-    missing = [name for name in (*DATASET_FILES, BATCH_FILE) if not (run_dir / name).is_file()]
+    expected = [rd.split(s) for s in SPLITS] + [rd.batch]
+    missing = [path.name for path in expected if not path.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{', '.join(missing)} missing in {run_dir}; run build_dataset first (it writes "
-            f"{', '.join(DATASET_FILES)} and {BATCH_FILE})."
+            f"{', '.join(missing)} missing in {rd.path}; run build_dataset first (it writes "
+            f"{', '.join(p.name for p in expected[:-1])} and {rd.batch.name})."
         )
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed value or _BAD_LINE) for every non-blank line."""
+def _read_jsonl(path: Path, max_depth: int = 32) -> list[tuple[int, Any]]:
+    """(line number, parsed value or _BAD_LINE) for every non-blank line; deeply nested members become TooDeep."""
     rows = []
     # errors="replace": a broken byte must fail an expectation, not crash the reader.
     with path.open(encoding="utf-8", errors="replace") as fh:
@@ -184,8 +210,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError:
+                rows.append((lineno, parse_batch_line(line, max_depth)))
+            except ValueError:
                 rows.append((lineno, _BAD_LINE))
     return rows
 
@@ -198,17 +224,25 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _output_columns(output: str | None, uc: UseCase, schema_validator: Any) -> dict[str, Any]:
-    """Derived columns from an assistant output / raw label text."""
+def _output_columns(output: str | None, uc: UseCase, schema_validator: Any, valid: bool = False) -> dict[str, Any]:
+    """Derived columns from an assistant output / raw label text (``valid``: the contract check already passed it,
+    so the schema need not be checked again)."""
     parsed: Any = None
     schema_error = None
-    if output is not None:
+    if output is not None and len(output) <= uc.data.max_label_chars:
         try:
             parsed = json.loads(output)
         except (json.JSONDecodeError, RecursionError):
             pass  # counted by expect_column_values_to_be_json_parseable on "output"
         else:
-            schema_error = _schema_error(schema_validator, parsed)
+            if json_depth(parsed, uc.data.max_label_depth) > uc.data.max_label_depth:
+                parsed = None
+                schema_error = f"(top level): nested deeper than data.max_label_depth={uc.data.max_label_depth}"
+            elif not valid:
+                schema_error = _schema_error(schema_validator, parsed)
+    elif output is not None:
+        schema_error = f"(top level): {len(output)} chars > data.max_label_chars={uc.data.max_label_chars}"
+        output = _clip(output, 300)
     columns: dict[str, Any] = {"output": output, "output_schema_error": schema_error}
     for path in uc.fields.labels:
         columns[_label_column(path)] = _label_value(parsed, path)
@@ -245,7 +279,7 @@ def _label_column(path: str) -> str:
 
 _RESERVED_COLUMNS = {
     "where", "split", "roles", "input", "input_chars", "input_norm", "output", "output_schema_error",
-    "test_input_in_train_or_val",
+    "test_input_in_train_or_val", "row_defect", "input_pii", "output_pii",
 }
 
 
@@ -261,11 +295,12 @@ def _label_value(parsed: Any, path: str) -> Any:
     return node
 
 
-def _dataset_rows(run_dir: Path, uc: UseCase) -> list[dict[str, Any]]:
+def _dataset_rows(rd: RunDir, uc: UseCase) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     schema_validator = _schema_validator(uc)
-    for split, filename in zip(SPLITS, DATASET_FILES):
-        for lineno, record in _read_jsonl(run_dir / filename):
+    for split in SPLITS:
+        filename = rd.split(split).name
+        for lineno, record in _read_jsonl(rd.split(split), uc.data.max_label_depth):
             messages = record.get("messages") if isinstance(record, dict) else None
             if not isinstance(messages, list):
                 messages = []
@@ -282,6 +317,8 @@ def _dataset_rows(run_dir: Path, uc: UseCase) -> list[dict[str, Any]]:
                     "input": raw_input,
                     "input_chars": len(raw_input) if raw_input is not None else None,
                     "input_norm": _normalise(raw_input) if raw_input is not None else None,
+                    "input_pii": _pii_found(raw_input, uc),
+                    "output_pii": _pii_found(_decoded(output), uc),
                     **_output_columns(output, uc, schema_validator),
                 }
             )
@@ -293,23 +330,34 @@ def _dataset_rows(run_dir: Path, uc: UseCase) -> list[dict[str, Any]]:
     return rows
 
 
-def _batch_rows(run_dir: Path, uc: UseCase) -> list[dict[str, Any]]:
+def _batch_rows(rd: RunDir, uc: UseCase) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     schema_validator = _schema_validator(uc)
-    for lineno, record in _read_jsonl(run_dir / BATCH_FILE):
+    for lineno, record in _read_jsonl(rd.batch, uc.data.max_label_depth):
         if not isinstance(record, dict):
             record = {}
         raw_input = _as_text(record.get("input"))
         label = record.get("label_raw")
         # label_raw is "any JSON": an object is the label itself, a string is the text the source
         # system stored (JSON or not); both become the text build_dataset would have parsed.
-        output = label if isinstance(label, str) or label is None else json.dumps(label, ensure_ascii=False)
+        if isinstance(label, TooDeep):
+            output = repr(label)  # not JSON: counted as unparseable; row_defect names the real reason
+        elif isinstance(label, str) or label is None:
+            output = label
+        else:
+            try:
+                output = json.dumps(label, ensure_ascii=False)
+            except RecursionError:
+                output = f"<label nested deeper than data.max_label_depth={uc.data.max_label_depth}>"
+        # The row-level verdict is build_dataset's own contract check: one reason per row, counted once.
+        _, defect = check_example(uc, record.get("input"), label, schema_validator)
         rows.append(
             {
-                "where": f"{BATCH_FILE}:{lineno}",
+                "where": f"{rd.batch.name}:{lineno}",
                 "input": raw_input,
                 "input_chars": len(raw_input) if raw_input is not None else None,
-                **_output_columns(output, uc, schema_validator),
+                **_output_columns(output, uc, schema_validator, valid=defect is None),
+                "row_defect": _clip(defect, 200) if defect else None,
             }
         )
     return rows
@@ -324,12 +372,14 @@ def _as_text(value: Any) -> str | None:
 def _columns(name: str, uc: UseCase) -> list[str]:
     labels = [_label_column(p) for p in uc.fields.labels]
     if name == "dataset":
-        return ["where", "split", "roles", "input", "input_chars", "input_norm", "output",
+        return ["where", "split", "roles", "input", "input_chars", "input_norm", "input_pii", "output", "output_pii",
                 "output_schema_error", *labels, "test_input_in_train_or_val"]
-    return ["where", "input", "input_chars", "output", "output_schema_error", *labels]
+    return ["where", "row_defect", "input", "input_chars", "output", "output_schema_error", *labels]
 
 
 def _frame(pd: Any, name: str, rows: list[dict[str, Any]], uc: UseCase) -> Any:
+    if name == "drift":
+        return pd.DataFrame(rows)
     # Explicit columns so an empty file still yields a frame GX can run every expectation on.
     frame = pd.DataFrame(rows, columns=_columns(name, uc))
     # Nullable ints: with a null input pandas would make the lengths floats (and show 12.0 in the docs).
@@ -383,10 +433,7 @@ def _row_expectations(gxe: Any, uc: UseCase, mostly: float) -> list[Any]:
 
 
 def _dataset_expectations(gx: Any, uc: UseCase, mostly: float) -> list[Any]:
-    from retrain.data.scrub import pii_regex_list
-
     gxe = gx.expectations
-    pii = pii_regex_list()
     return [
         gxe.ExpectTableRowCountToBeBetween(
             min_value=uc.data.min_rows, notes="data.min_rows: fewest examples (all splits) worth a run."
@@ -408,17 +455,32 @@ def _dataset_expectations(gx: Any, uc: UseCase, mostly: float) -> list[Any]:
             column="test_input_in_train_or_val",
             notes="Test inputs also present (normalised) in train or val: the score would be inflated.",
         ),
-        gxe.ExpectColumnValuesToNotMatchRegexList(
-            column="input", regex_list=pii, notes="Unscrubbed personal data (retrain.data.scrub patterns)."
+        # The detectors (checksums, context words) are not regexes, and they must see decoded values: a JSON
+        # escape such as \n before a card number hid it from a regex over the serialized text. So the kinds of
+        # personal data found per row are computed here (kinds only: never the data itself) and must be null.
+        gxe.ExpectColumnValuesToBeNull(
+            column="input_pii", notes="Unscrubbed personal data in the input (retrain.data.scrub detectors)."
         ),
-        gxe.ExpectColumnValuesToNotMatchRegexList(
-            column="output", regex_list=pii, notes="Unscrubbed personal data (retrain.data.scrub patterns)."
+        gxe.ExpectColumnValuesToBeNull(
+            column="output_pii",
+            notes="Unscrubbed personal data in any decoded string of the label (retrain.data.scrub detectors).",
         ),
     ]
 
 
 def _batch_expectations(gx: Any, uc: UseCase, mostly: float) -> list[Any]:
-    return _row_expectations(gx.expectations, uc, mostly)
+    gxe = gx.expectations
+    return [
+        gxe.ExpectColumnValuesToBeNull(
+            column="row_defect",
+            mostly=mostly,
+            notes="Rows with any defect, each counted once: the first reason build_dataset's contract check gives "
+            "(empty or invisible-only input, length, non-JSON, too deep or too large, unknown label, schema). The "
+            "batch fails when more than data.max_rejected_fraction of its rows are broken; the expectations "
+            "below show which rules they break.",
+        ),
+        *_row_expectations(gxe, uc, mostly),
+    ]
 
 
 # --- Great Expectations context ----------------------------------------------------------------------
@@ -516,6 +578,26 @@ def _exception_message(info: Any) -> str | None:
     return None
 
 
+def _decoded(output: str | None) -> Any:
+    """The label as decoded JSON when it parses (so escapes are undone), else the text itself."""
+    if output is None:
+        return None
+    try:
+        return json.loads(output)
+    except (ValueError, RecursionError):
+        return output
+
+
+def _pii_found(value: Any, uc: UseCase) -> str | None:
+    """Kinds of personal data still present in a decoded value ('CARD,PHONE'), or None."""
+    if value is None:
+        return None
+    from retrain.data.scrub import find_pii_in_value
+
+    kinds = sorted({kind for kind, _ in find_pii_in_value(value, uc.pii)})
+    return ",".join(kinds) or None
+
+
 def _pii_kinds(value: Any) -> str:
     from retrain.data.scrub import find_pii
 
@@ -546,8 +628,22 @@ def _describe(entry: dict[str, Any]) -> str:
         )
     if kind == "expect_column_distinct_values_to_contain_set":
         return head + "no rows for split(s) " + ", ".join(map(str, entry.get("missing", [])))
+    if entry["suite"] == "drift":
+        return head + (entry.get("drift_message") or f"observed {entry.get('observed_value')}")
     text = head
-    if entry.get("unexpected_percent") is not None:
+    if entry.get("column") == "row_defect" and entry.get("unexpected_percent") is not None:
+        samples = {s["reason"].split(":")[0]: s for s in entry.get("samples") or []}
+        reasons = ", ".join(
+            f"{reason} {n}" + (f" (e.g. {samples[reason]['where']}: {_clip(samples[reason]['reason'], 80)})"
+                               if reason in samples else "")
+            for reason, n in (entry.get("top_reasons") or {}).items()
+        )
+        return text + (
+            f"{entry['unexpected_count']} of {entry['rows']} rows ({entry['unexpected_percent']:.1f}%) broken, "
+            f"allowed <= {entry['allowed_percent']:.1f}% (data.max_rejected_fraction, each row counted once); "
+            f"top reasons: {reasons}"
+        )
+    elif entry.get("unexpected_percent") is not None:
         of = f"{entry['checked']} non-null" if entry["checked"] != entry["rows"] else f"{entry['rows']}"
         text += (
             f"{entry['unexpected_count']} of {of} rows ({entry['unexpected_percent']:.1f}%) unexpected, "
@@ -561,25 +657,25 @@ def _describe(entry: dict[str, Any]) -> str:
 
 def _failure_message(
     uc: UseCase,
-    run_dir: Path,
+    rd: RunDir,
     results: list[dict[str, Any]],
     failed: list[dict[str, Any]],
     index: Path,
     suites: dict[str, dict[str, Any]],
 ) -> str:
     lines = [
-        f"Dataset validation failed for {uc.name} (run_dir={run_dir}): "
+        f"Dataset validation failed for {uc.name} (run_dir={rd.path}): "
         f"{len(failed)} of {len(results)} expectations failed:",
         *(_describe(entry) for entry in failed),
     ]
     if suites["batch"].get("skipped"):
         lines.append(f"  (batch suite skipped: {suites['batch']['reason']})")
-    lines.append(f"Data Docs: {index}  Summary: {run_dir / REPORT_FILE}")
+    lines.append(f"Data Docs: {index}  Summary: {rd.validation}")
     suites_failed = {entry["suite"] for entry in failed}
     if "batch" in suites_failed:
         lines.append(
             f"This month's source rows are dirtier than data.max_rejected_fraction allows: fix or reject "
-            f"them in production_examples (see {run_dir / 'rejected.jsonl'} for why each was rejected), "
+            f"them in production_examples (see {rd.rejected} for why each was rejected), "
             f"or raise data.max_rejected_fraction in {uc.name}.yaml if this is expected."
         )
     if "dataset" in suites_failed:
@@ -588,8 +684,101 @@ def _failure_message(
             "rows): fix the rows named above at the source, or the rule in the use case YAML "
             f"({uc.name}.yaml: data:, output_schema) if it is wrong."
         )
+    if "drift" in suites_failed:
+        lines.append(
+            "This month's data moved away from the accumulated dataset by more than data.drift's fail levels "
+            f"(data.drift.action: fail): check the source system, or set data.drift.action: warn in {uc.name}.yaml "
+            "(or raise the levels) if the change is real and should be trained on."
+        )
     lines.append(
         "Then clear collect_examples and its downstream tasks: the retry re-reads the same id window, "
         "with your fixes."
     )
     return "\n".join(lines)
+
+
+# --- row defects and drift ---------------------------------------------------------------------------------
+
+
+def _defect_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Broken rows of the batch, each counted once, with the commonest reasons and a few sample rows."""
+    reasons: Counter[str] = Counter()
+    first: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        defect = row.get("row_defect")
+        if defect:
+            kind = defect.split(":")[0]
+            reasons[kind] += 1
+            first.setdefault(kind, {"where": row["where"], "reason": defect})
+    top = dict(reasons.most_common(_TOP_REASONS))
+    # One sample row per top reason, so the message shows every kind of breakage, not three of the first.
+    return {"broken_rows": sum(reasons.values()), "rows": len(rows), "top_reasons": top,
+            "samples": [first[kind] for kind in top]}
+
+
+def _drift(rd: RunDir) -> dict[str, Any]:
+    """The drift report build_dataset wrote into the manifest, or n/a when the manifest has none."""
+    try:
+        manifest = json.loads(rd.manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    drift = manifest.get("drift") if isinstance(manifest, dict) else None
+    if not isinstance(drift, dict) or "status" not in drift:
+        return {"status": "n/a", "reason": f"{rd.manifest.name} has no drift report", "checks": []}
+    return drift
+
+
+def _drift_column(check: dict[str, Any]) -> str:
+    return f"{check['metric']}[{check['field']}]" if check.get("field") else check["metric"]
+
+
+def _drift_row(drift: dict[str, Any]) -> dict[str, Any]:
+    return {_drift_column(c): c["value"] for c in drift["checks"]}
+
+
+def _drift_expectations(drift: dict[str, Any]):
+    def build(gx: Any, uc: UseCase, mostly: float) -> list[Any]:
+        out = []
+        for check in drift["checks"]:
+            blocking = drift.get("action") == "fail" and check["status"] == "fail"
+            what = f"label field '{check['field']}'" if check.get("field") else "input length"
+            out.append(gx.expectations.ExpectColumnMaxToBeBetween(
+                column=_drift_column(check),
+                max_value=check["warn"],
+                severity="critical" if blocking else "warning",
+                notes=f"Drift of the {what}, this month's batch ({drift.get('batch_rows')} rows) against the "
+                      f"accumulated dataset ({drift.get('reference_rows')} rows): {check['metric']} warns above "
+                      f"{check['warn']:g} and fails above {check['fail']:g} (data.drift.{check['metric']}); "
+                      f"data.drift.action: {drift.get('action')}. Status: {check['status']}.",
+            ))
+        return out
+
+    return build
+
+
+def _annotate(results: list[dict[str, Any]], suites: dict[str, dict[str, Any]], drift: dict[str, Any]) -> None:
+    """Attach the row-defect breakdown to the batch's row_defect entry and drift status/severity to drift entries."""
+    defects = suites.get("batch", {}).get("defects")
+    checks = {_drift_column(c): c for c in drift.get("checks", [])}
+    blocking = {_drift_column(c) for c in drift_failures(drift)}
+    for entry in results:
+        if entry["suite"] == "batch" and entry.get("column") == "row_defect" and defects:
+            entry["top_reasons"] = defects["top_reasons"]
+            entry["samples"] = defects["samples"]
+        elif entry["suite"] == "drift" and entry.get("column") in checks:
+            check = checks[entry["column"]]
+            entry.update(drift_status=check["status"], warn=check["warn"], fail=check["fail"],
+                         drift_message=check.get("message"))
+            if entry["column"] not in blocking:
+                entry["severity"] = "warning"
+
+
+def _drift_summary(uc: UseCase, drift: dict[str, Any]) -> dict[str, Any]:
+    """What the stage returns about drift, after logging every metric above its warn level at WARNING."""
+    messages = [c["message"] for c in drift.get("checks", []) if c.get("status") in ("warn", "fail")]
+    for message in messages:
+        log.warning("data drift in %s this month: %s", uc.name, message)
+    if drift["status"] == "n/a":
+        log.info("data drift for %s: n/a (%s)", uc.name, drift.get("reason"))
+    return {"status": drift["status"], "level": drift.get("level"), "action": drift.get("action", uc.data.drift.action),
+            "reason": drift.get("reason"), "warnings": messages}

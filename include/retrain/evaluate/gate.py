@@ -35,8 +35,37 @@ def _check(name: str, value: Any, threshold: Any, passed: bool, required: bool, 
             "required": bool(required), "reason": reason}
 
 
-def decide(uc: UseCase, comparison: dict, *, baseline_kind: str) -> dict:
-    """GO only if every required check passes. Every rule is reported, including optional ones ("info")."""
+def override_note(o: dict) -> str:
+    """How a loosened threshold reads in the summary, the report and the registry history."""
+    return f"threshold {o['threshold']} loosened from {o['floor']} to {o['value']} by {o['by']}: {o['reason']}"
+
+
+def _slice_check(th, comparison: dict, baseline_kind: str, base_name: str) -> dict:
+    """max_slice_regression: the candidate may not lose a slice of the test set (language, input length,
+    evaluation.slices) by more than the threshold against the production model. Against the base model on a first
+    run, or without a threshold, the worst slice is reported only."""
+    limit = th.max_slice_regression
+    worst = (comparison.get("analysis") or {}).get("worst_slice_regression")
+    required = limit is not None and baseline_kind == "production"
+    if worst is None:
+        reason = "no slice of 5+ examples scores lower than with the " + base_name
+        return _check("max_slice_regression", 0.0, limit, True, required, reason + ("" if required else " (info only)"))
+    drop = -float(worst["delta"])
+    ok = limit is None or drop <= limit
+    reason = (f"worst slice {worst['slice']}={worst['value']} (n={worst['n']}): {worst['candidate']:.3f} vs "
+              f"{worst['baseline']:.3f}, a drop of {drop:.3f}"
+              + (f" {'<=' if ok else '>'} allowed {limit:.3f}" if limit is not None else ""))
+    if not required:
+        reason += (" (info only: no max_slice_regression set)" if limit is None
+                   else " (info only: first run, no production model to regress from)")
+    return _check("max_slice_regression", drop, limit, ok, required, reason)
+
+
+def decide(uc: UseCase, comparison: dict, *, baseline_kind: str, overrides: list[dict] | None = None) -> dict:
+    """GO only if every required check passes. Every rule is reported, including optional ones ("info").
+
+    ``overrides``: thresholds this run loosened below the YAML's floors (run_config.json's ``gate_overrides``:
+    threshold, floor, value, by, reason); recorded in the decision and named in its summary."""
     if baseline_kind not in BASELINE_KINDS:
         raise ValueError(f"baseline_kind must be one of {BASELINE_KINDS}, got {baseline_kind!r}")
     th = uc.thresholds
@@ -123,6 +152,8 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str) -> dict:
         {"ci_low": "> 0", "p": f"< {SIGNIFICANCE_ALPHA}"}, significant, required_sig, reason,
     ))
 
+    checks.append(_slice_check(th, comparison, baseline_kind, base_name))
+
     failed = [c for c in checks if c["required"] and not c["passed"]]
     decision = "GO" if not failed else "NO-GO"
     head = f"{primary} accuracy {cand:.3f} vs {base:.3f} ({base_name})"
@@ -131,6 +162,9 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str) -> dict:
     else:
         n_req = sum(c["required"] for c in checks)
         summary = f"GO: {head}; all {n_req} required checks passed"
+    overrides = [dict(o) for o in overrides or []]
+    if overrides:
+        summary += " (gate override: " + "; ".join(override_note(o) for o in overrides) + ")"
     return {
         "decision": decision,
         "use_case": uc.name,
@@ -141,6 +175,7 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str) -> dict:
         "checks": checks,
         "failed": [c["name"] for c in failed],
         "summary": summary,
+        "overrides": overrides,
         "decided_at": datetime.now(timezone.utc).isoformat(),
     }
 
@@ -156,4 +191,6 @@ def decision_text(decision: dict) -> str:
         # Optional rules are shown but must not read like a failure that blocked the decision.
         status = ("PASS" if c["passed"] else "FAIL") if c["required"] else "INFO"
         lines.append(f"[{status}] {c['name']:<27} {c['reason']}")
+    for o in decision.get("overrides") or []:
+        lines.append(f"[OVERRIDE] {override_note(o)}")
     return "\n".join(lines)

@@ -425,6 +425,9 @@ class HFEngine:
             if stop.stop_index[row] is not None:
                 end = min(end, stop.stop_index[row] + 1)
             results.append(gen[:end])
+        if guard is not None and guard.lost:
+            log.warning("%d of %d answers left unguided: no token of the vocabulary could continue them under the "
+                        "output schema", guard.lost, len(batch))
         return results, prefix, guard.masked if guard is not None else 0
 
     def generate_ids(self, conversations: Sequence[Any], *, max_new_tokens: int,

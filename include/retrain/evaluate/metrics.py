@@ -557,22 +557,11 @@ def load_test_set(uc: UseCase, path: str | Path) -> tuple[list[str], list[dict]]
     return inputs, references
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def write_metrics(run_dir: str | Path, baseline: dict, candidate: dict, comparison: dict) -> Path:
     """run_dir/evaluation/metrics.json: both score outputs (with per-example rows) and the comparison."""
-    return write_json_atomic(
-        Path(run_dir) / "evaluation" / "metrics.json",
+    from retrain.rundir import RunDir, write_json
+
+    return write_json(
+        RunDir(run_dir).metrics,
         {"baseline": baseline, "candidate": candidate, "comparison": comparison},
     )

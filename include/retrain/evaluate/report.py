@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from retrain.schemas.use_case import UseCase
-from retrain.evaluate.gate import decide, decision_text
+from retrain.evaluate.analysis import ERROR_CLASSES
+from retrain.evaluate.gate import decide, decision_text, override_note
 from retrain.rundir import RunDir, read_json, write_json
 from retrain.evaluate.metrics import CATEGORIES
 
@@ -217,10 +218,33 @@ def _per_class_rows(uc: UseCase, baseline_scores: dict, candidate_scores: dict) 
              _fmt(c[label]["recall"]), _fmt(c[label]["f1"])] for label in c]
 
 
-def _category_rows(baseline_scores: dict, candidate_scores: dict) -> list[list[str]]:
+def _category_rows(baseline_scores: dict, candidate_scores: dict, comparison: dict | None = None) -> list[list[str]]:
+    """Error classes of both models (retrain.evaluate.analysis), or the scorer's categories for older metrics."""
+    errors = ((comparison or {}).get("analysis") or {}).get("errors")
+    if errors:
+        b, c = errors["baseline"]["counts"], errors["candidate"]["counts"]
+        return [[cls, str(b.get(cls, 0)), str(c.get(cls, 0))] for cls in ERROR_CLASSES]
     b = baseline_scores["aggregate"]["error_categories"]
     c = candidate_scores["aggregate"]["error_categories"]
     return [[cat, str(b.get(cat, 0)), str(c.get(cat, 0))] for cat in CATEGORIES]
+
+
+def _error_example_rows(comparison: dict) -> list[list[str]]:
+    """Up to three examples of each error class, for each model."""
+    errors = (comparison.get("analysis") or {}).get("errors") or {}
+    rows = []
+    for model in ("candidate", "baseline"):
+        for cls, examples in (errors.get(model) or {}).get("examples", {}).items():
+            for x in examples:
+                rows.append([model, cls, str(x.get("index")), str(x.get("input") or "")[:200],
+                             str(x.get("output") or "")[:200]])
+    return rows
+
+
+def _slice_rows(comparison: dict) -> list[list[str]]:
+    return [[s["slice"], s["value"], str(s["n"]), f"{s['baseline']:.3f}", f"{s['candidate']:.3f}",
+             f"{s['delta']:+.3f}", "" if s["gated"] else "too small to gate"]
+            for s in (comparison.get("analysis") or {}).get("slices", [])]
 
 
 def _significance_line(comparison: dict) -> str:
@@ -264,6 +288,16 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _overrides_html(decision: dict) -> str:
+    items = "".join(f"<li>{html.escape(override_note(o))}</li>" for o in decision.get("overrides") or [])
+    return f'<h2>Gate overrides</h2><ul class="fail">{items}</ul>\n' if items else ""
+
+
+def _overrides_md(decision: dict) -> list[str]:
+    notes = [f"- {override_note(o)}" for o in decision.get("overrides") or []]
+    return ["## Gate overrides", "", *notes, ""] if notes else []
+
+
 def _html(uc, comparison, decision, baseline_scores, candidate_scores, names, plots, errors) -> str:
     e = html.escape
     d = decision["decision"]
@@ -293,7 +327,7 @@ def _html(uc, comparison, decision, baseline_scores, candidate_scores, names, pl
 <p>{e(decision['summary'])}</p>
 <p class=muted>Baseline: {e(names['baseline'])} ({e(decision.get('baseline_kind', ''))}) · Candidate:
 {e(names['candidate'])} · {n_cand} test examples · primary label <code>{e(uc.primary_label)}</code></p>
-<h2>Decision checks</h2>
+{_overrides_html(decision)}<h2>Decision checks</h2>
 <table><tr><th>check</th><th>result</th><th>kind</th><th>value</th><th>threshold</th><th>reason</th></tr>{checks}</table>
 <h2>Significance</h2><p>{e(_significance_line(comparison))}</p>
 <h2>Metrics</h2>
@@ -306,7 +340,11 @@ def _html(uc, comparison, decision, baseline_scores, candidate_scores, names, pl
 <h2>Latency</h2>
 {_img(plots["latency"], "latency distribution")}
 <h2>Error categories</h2>
-{_table(["category", f"baseline (n={n_base})", f"candidate (n={n_cand})"], _category_rows(baseline_scores, candidate_scores))}
+{_table(["category", f"baseline (n={n_base})", f"candidate (n={n_cand})"], _category_rows(baseline_scores, candidate_scores, comparison))}
+<h3>Examples per error class</h3>
+{_table(["model", "class", "#", "input", "output"], _error_example_rows(comparison), numeric_from=9)}
+<h2>Slices</h2>
+{_table(["slice", "value", "n", "baseline", "candidate", "delta", "note"], _slice_rows(comparison), numeric_from=2)}
 <h2>Worst candidate errors ({len(errors)})</h2>
 <table><tr><th>#</th><th>category</th><th>input</th><th>gold</th><th>predicted</th><th>what is wrong</th></tr>{err_rows}</table>
 </body></html>
@@ -339,6 +377,7 @@ def _markdown(uc, comparison, decision, baseline_scores, candidate_scores, names
         f"Baseline: {names['baseline']} ({decision.get('baseline_kind', '')}) · Candidate: {names['candidate']} · "
         f"{len(candidate_scores['per_example'])} test examples · primary label `{uc.primary_label}`",
         "",
+        *_overrides_md(decision),
         "## Decision checks",
         "",
         _md_table(["check", "result", "value", "threshold", "reason"], checks),
@@ -367,7 +406,15 @@ def _markdown(uc, comparison, decision, baseline_scores, candidate_scores, names
         "",
         "## Error categories",
         "",
-        _md_table(["category", "baseline", "candidate"], _category_rows(baseline_scores, candidate_scores)),
+        _md_table(["category", "baseline", "candidate"], _category_rows(baseline_scores, candidate_scores, comparison)),
+        "",
+        "### Examples per error class",
+        "",
+        _md_table(["model", "class", "#", "input", "output"], _error_example_rows(comparison)),
+        "",
+        "## Slices",
+        "",
+        _md_table(["slice", "value", "n", "baseline", "candidate", "delta", "note"], _slice_rows(comparison)),
         "",
         f"## Worst candidate errors ({len(errors)})",
         "",
@@ -430,12 +477,13 @@ def write_decision(run_dir: str | Path, decision: dict) -> Path:
     return write_json(RunDir(run_dir).decision, decision)
 
 
-def decide_run(run_dir: str | Path, uc: UseCase, *, baseline_kind: str, labels: dict | None = None) -> dict:
+def decide_run(run_dir: str | Path, uc: UseCase, *, baseline_kind: str, labels: dict | None = None,
+               overrides: list[dict] | None = None) -> dict:
     """The gate stage on a run directory: read evaluation/metrics.json (written by retrain.evaluate.metrics.write_metrics),
     decide, write decision.json and the report. Returns a small dict for XCom and the branch."""
     rd = RunDir(run_dir)
     data = read_json(rd.metrics, missing="run the evaluation stage for this run first")
-    decision = decide(uc, data["comparison"], baseline_kind=baseline_kind)
+    decision = decide(uc, data["comparison"], baseline_kind=baseline_kind, overrides=overrides)
     write_decision(rd.path, decision)
     report = write_report(rd.path, uc, data["comparison"], decision, data["baseline"], data["candidate"],
                           labels=labels or {})

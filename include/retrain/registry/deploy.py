@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from retrain.registry import store as registry
+from retrain.rundir import write_json
 from retrain.settings import state_dir
 from retrain.registry.store import RegistryError
 
@@ -127,11 +128,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_pointer(use_case: str, data: dict) -> None:
-    path = use_case_models_dir(use_case) / "production.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data | {"updated_at": datetime.now(timezone.utc).isoformat()}, indent=2))
-    os.replace(tmp, path)
+    write_json(use_case_models_dir(use_case) / "production.json",
+               data | {"updated_at": datetime.now(timezone.utc).isoformat()})
 
 
 def switch_production(use_case: str, version: int) -> dict:
@@ -148,12 +146,6 @@ def switch_production(use_case: str, version: int) -> dict:
                               "version_dir": str(link.parent / target)})
     return {"production": str(link), "target": str(link.parent / target), "previous_target": previous,
             "switched": switched}
-
-
-def deploy_local(use_case: str, version: int, merged_dir: str | Path, *, run_id: str | None = None) -> dict:
-    """Copy the merged model into versions/v<N> (idempotent) and switch the production alias to it."""
-    staged = stage_version(use_case, version, merged_dir, run_id=run_id)
-    return staged | switch_production(use_case, version)
 
 
 def model_path(row: dict) -> str:
@@ -233,7 +225,8 @@ def _kind(backend: str) -> str:
     return "openai" if backend == "openai" else "hf"
 
 
-def deploy(conn, *, use_case: str, version: int, actor: str, reason: str, run_id: str | None = None) -> dict:
+def deploy(conn, *, use_case: str, version: int, actor: str, reason: str, run_id: str | None = None,
+           details: dict | None = None) -> dict:
     """Promote ``version`` in the registry and publish it (hf: copy + alias switch; openai: record the model id).
 
     Safe to retry: an already-production version is re-published (repairing a half-done attempt), not re-promoted.
@@ -246,7 +239,7 @@ def deploy(conn, *, use_case: str, version: int, actor: str, reason: str, run_id
     apply, revert = _publisher(use_case, kind)
     try:
         result = registry.promote(conn, use_case=use_case, version=version, actor=actor, reason=reason,
-                                  run_id=run_id, apply=apply)
+                                  run_id=run_id, apply=apply, details=details)
     except BaseException:
         revert()
         raise
@@ -284,7 +277,7 @@ def run_rollback(use_case: str, *, to_version: int | None = None, reason: str, a
         raise RegistryError(f"the rollback reason must be at least {MIN_REASON_CHARS} characters (it is what the "
                             f"history shows later): say what is wrong with the current model")
     with db.connection() as conn:
-        registry.ensure_registry_schema(conn)  # schema.sql, and marks it applied for the registry's writes
+        db.ensure_schema(conn)
         result = rollback_deploy(conn, use_case=use_case, to_version=to_version, actor=actor, reason=reason,
                                  run_id=run_id)
     if result["changed"]:

@@ -19,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from retrain import db
+from retrain.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 # Fields a stage may report, with how they are stored. JSON columns take any JSON-able value.
@@ -26,28 +29,17 @@ _TEXT = ("status", "run_dir", "decision", "backup_id", "error")
 _INT = ("rows_collected", "rows_rejected", "model_version")
 _JSON = ("validation", "metrics", "decision_reasons")
 FIELDS = _TEXT + _INT + _JSON
-STATUSES = ("running", "success", "failed", "no_go", "dry_run")
+STATUSES = ("running", "success", "failed", "no_go", "dry_run", "no_new_data", "awaiting_approval", "rejected")
 _COLUMNS = ("use_case", "run_id", "status", "run_dir", "stages", "stage_order", *_INT, "validation", "metrics",
             "decision", "decision_reasons", "backup_id", "error", "started_at", "updated_at")
 
 
-_ready: set[str] = set()  # DSNs whose schema.sql is known to be committed (per process)
-
-
-def ensure_runs_schema(conn) -> None:
-    """Apply include/sql/schema.sql (pipeline_runs among it); safe to run concurrently and repeatedly. Commits."""
-    from retrain import db
-
-    db.ensure_schema(conn)
-    _ready.add(conn.dsn)
-
-
 def _ensure_ready(conn) -> None:
     """schema.sql once per process per database, not once per stage (each stage records on a fresh connection)."""
-    from retrain import db
-
     # Were a transaction already open, the DDL would join it and record_stage's commit would commit both.
-    db.ensure_schema_once(conn, _ready)
+    if db.ensure_schema_once(conn):
+        conn.commit()
+        db.mark_schema_ready(conn)
 
 
 def _check(fields: dict[str, Any]) -> None:
@@ -163,10 +155,8 @@ def record_run_stage(run_dir: str | Path, stage: str, seconds: float | None, **f
     task log. Returns the row, or None when nothing could be recorded.
     """
     try:
-        meta = json.loads((Path(run_dir) / "run_config.json").read_text())
+        meta = json.loads(RunDir(run_dir).run_config.read_text())
         use_case = meta["use_case"]["name"] if isinstance(meta["use_case"], dict) else str(meta["use_case"])
-        from retrain import db
-
         with db.connection() as conn:
             _ensure_ready(conn)
             return record_stage(conn, use_case=use_case, run_id=meta["run_id"], stage=stage, seconds=seconds,
@@ -202,7 +192,6 @@ def failure_recorder(use_case: str):
     def record_failure(context) -> None:
         import logging
 
-        from retrain import db
         from retrain.notify import alert_payload
 
         p = alert_payload(context)

@@ -18,40 +18,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from retrain import db
+
 log = logging.getLogger(__name__)
 
-STATUSES = ("candidate", "production", "rejected", "retired")
+STATUSES = ("candidate", "production", "rejected", "retired", "not_selected")  # not_selected: a sweep's loser
 _COLUMNS = ("id", "use_case", "version", "backend", "base_model", "artifact", "run_id", "metrics", "decision",
             "status", "created_at", "updated_at")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM model_versions"
 _EVENT_COLUMNS = ("id", "use_case", "version", "action", "from_status", "to_status", "actor", "reason", "run_id",
                   "details", "at")
-_ready: set[str] = set()  # DSNs whose schema.sql is known to be committed (per process)
 
 
 class RegistryError(RuntimeError):
     """A registry operation is not possible in the current state; the message says what to do instead."""
 
 
-def ensure_registry_schema(conn) -> None:
-    """Apply include/sql/schema.sql (model_versions, model_events and their indexes among it); commits."""
-    from retrain import db
-
-    db.ensure_schema(conn)
-    _ready.add(conn.dsn)
-
-
-def _ensure_ready(conn) -> bool:
-    """Apply schema.sql once per process, so the registry also works on a database created before the history
-    table existed. True if it ran inside the caller's open transaction, which the caller must commit."""
-    from retrain import db
-
-    return db.ensure_schema_once(conn, _ready)
-
-
 @contextmanager
 def _transaction(conn, use_case: str) -> Iterator[Any]:
-    pending = _ensure_ready(conn)
+    # schema.sql once per process, so the registry also works on a database created before the history table.
+    pending = db.ensure_schema_once(conn)
     try:
         with conn.cursor() as cur:
             # Serialise writers per use case: version numbering and promotion read-then-write.
@@ -62,7 +48,7 @@ def _transaction(conn, use_case: str) -> Iterator[Any]:
         conn.rollback()
         raise
     if pending:
-        _ready.add(conn.dsn)
+        db.mark_schema_ready(conn)
 
 
 def _jsonable(value: Any) -> Any:
@@ -132,10 +118,22 @@ def versions(conn, use_case: str) -> list[dict]:
         return [_row(r) for r in cur.fetchall()]
 
 
+def recent_versions(conn, use_case: str | None = None, *, per_use_case: int = 10) -> list[dict]:
+    """The newest ``per_use_case`` versions of one use case (or of each), newest first, timestamps as ISO text."""
+    with conn.cursor() as cur:
+        cur.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM (SELECT *, row_number() OVER (PARTITION BY use_case ORDER BY version "
+            f"DESC) AS n FROM model_versions WHERE %(uc)s::text IS NULL OR use_case = %(uc)s) v "
+            f"WHERE n <= %(limit)s ORDER BY use_case, version DESC",
+            {"uc": use_case, "limit": int(per_use_case)},
+        )
+        return [_row(r) for r in cur.fetchall()]
+
+
 def history(conn, use_case: str) -> list[dict]:
     """Every registry event of a use case, oldest first."""
     with conn.cursor() as cur:
-        if conn.dsn not in _ready:
+        if not db.schema_is_ready(conn):
             cur.execute("SELECT to_regclass('model_events')")
             if cur.fetchone()[0] is None:
                 return []  # nothing was ever registered on this database
@@ -221,8 +219,11 @@ def record_decision(conn, *, use_case: str, version: int, metrics: dict, decisio
         )
         verdict = decision.get("decision") or decision.get("outcome")
         reason = decision.get("reason") or decision.get("summary") or (str(verdict) if verdict else "")
+        details = {"decision": verdict}
+        if decision.get("overrides"):  # thresholds loosened by a trigger Param: who, from what, to what, why
+            details["overrides"] = decision["overrides"]
         _event(cur, use_case, version, "decide", row["status"], row["status"], actor, str(reason), row["run_id"],
-               {"decision": verdict})
+               details)
 
 
 def _stable(d: dict | None) -> dict:
@@ -234,7 +235,7 @@ Apply = Callable[[dict], Any]
 
 
 def promote(conn, *, use_case: str, version: int, actor: str, reason: str, run_id: str | None = None,
-            apply: Apply | None = None) -> dict:
+            apply: Apply | None = None, details: dict | None = None) -> dict:
     """Make ``version`` the production model; the previous one becomes retired. One transaction.
 
     ``apply(result)`` runs inside the transaction before the commit (deploy switches the served files there): if it
@@ -247,6 +248,9 @@ def promote(conn, *, use_case: str, version: int, actor: str, reason: str, run_i
         if row["status"] == "production":
             result = _move_result(use_case, row, previous=None, changed=False, action="promote")
         else:
+            if row["status"] == "not_selected":
+                raise RegistryError(f"{use_case} v{version} lost its sweep on validation (not_selected) and cannot "
+                                    f"be promoted; retrain with its settings to deploy them")
             if row["status"] == "rejected":
                 raise RegistryError(
                     f"{use_case} v{version} was rejected and cannot be promoted; retrain, or restore a retired "
@@ -257,7 +261,7 @@ def promote(conn, *, use_case: str, version: int, actor: str, reason: str, run_i
                 _set_status(cur, current, "retired", action="promote", actor=actor, reason=reason, run_id=run_id,
                             details={"replaced_by": version})
             _set_status(cur, row, "production", action="promote", actor=actor, reason=reason, run_id=run_id,
-                        details={"replaces": current and current["version"]})
+                        details={"replaces": current and current["version"], **(details or {})})
             result = _move_result(use_case, row, previous=current, changed=True, action="promote")
         if apply is not None:
             result["applied"] = apply(result)
@@ -266,8 +270,10 @@ def promote(conn, *, use_case: str, version: int, actor: str, reason: str, run_i
     return result
 
 
-def reject(conn, *, use_case: str, version: int, actor: str, reason: str, run_id: str | None = None) -> dict:
-    """Mark a version as rejected (a NO-GO candidate, or a retired version that must never be restored)."""
+def reject(conn, *, use_case: str, version: int, actor: str, reason: str, run_id: str | None = None,
+           details: dict | None = None) -> dict:
+    """Mark a version as rejected (a NO-GO candidate, or a retired version that must never be restored).
+    ``details``: recorded in the history event (e.g. the reviewer's answer, retrain.approval)."""
     with _transaction(conn, use_case) as cur:
         row = _get(cur, use_case, version, lock=True)
         if row["status"] == "production":
@@ -277,13 +283,9 @@ def reject(conn, *, use_case: str, version: int, actor: str, reason: str, run_id
             )
         changed = row["status"] != "rejected"
         if changed:
-            _set_status(cur, row, "rejected", action="reject", actor=actor, reason=reason, run_id=run_id)
+            _set_status(cur, row, "rejected", action="reject", actor=actor, reason=reason, run_id=run_id,
+                        details=details)
     return {"use_case": use_case, "version": version, "status": "rejected", "changed": changed}
-
-
-def previous_production(conn, use_case: str) -> int | None:
-    with conn.cursor() as cur:
-        return _previous_production(cur, use_case, _production(cur, use_case))
 
 
 def _previous_production(cur, use_case: str, current: dict | None) -> int | None:
@@ -391,3 +393,24 @@ def _move_result(use_case: str, row: dict, *, previous: dict | None, changed: bo
         "artifact": row["artifact"],
         "run_id": row["run_id"],
     }
+
+
+def record_not_selected(conn, *, use_case: str, run_id: str, backend: str, base_model: str, artifact: str,
+                        metrics: dict, reason: str, actor: str = "pipeline") -> dict:
+    """Register a sweep candidate that lost on the validation split as ``not_selected`` with its scores (its own
+    run id: ``<run>#sweep-c<i>``). Never deployable; a retry returns the same row."""
+    with _transaction(conn, use_case) as cur:
+        cur.execute(f"{_SELECT} WHERE use_case = %s AND run_id = %s", (use_case, run_id))
+        row = _row(cur.fetchone())
+        if row is not None:
+            return row | {"created": False}
+        cur.execute("SELECT COALESCE(max(version), 0) + 1 FROM model_versions WHERE use_case = %s", (use_case,))
+        version = cur.fetchone()[0]
+        cur.execute(
+            "INSERT INTO model_versions (use_case, version, backend, base_model, artifact, run_id, metrics, status)"
+            f" VALUES (%s, %s, %s, %s, %s, %s, %s, 'not_selected') RETURNING {', '.join(_COLUMNS)}",
+            (use_case, version, backend, base_model, artifact or "", run_id, json.dumps(metrics, default=str)),
+        )
+        row = _row(cur.fetchone())
+        _event(cur, use_case, version, "register", None, "not_selected", actor, reason, run_id, {"sweep": metrics})
+    return row | {"created": True}

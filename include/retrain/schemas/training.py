@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-
 
 
 class TrainingSpecError(ValueError):
@@ -61,6 +58,9 @@ class TrainingSpec(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (fewer if the epochs end first)")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="halt (evaluated and checkpointed) at this optimiser step while keeping the learning-"
+        "rate schedule of the full run; a later run without it resumes to the end (a sweep's successive halving)")
     batch_size: int = Field(8, ge=1, description="examples per device per forward pass")
     eval_batch_size: int | None = Field(None, ge=1, description="None = batch_size")
     grad_accum: int = Field(1, ge=1, description="forward passes per optimiser step")
@@ -85,6 +85,11 @@ class TrainingSpec(BaseModel):
     )
     early_stopping_threshold: float = Field(0.0, ge=0)
     logging_steps: int = Field(5, ge=1)
+    checkpoint_mirror: bool = Field(
+        True, description="mirror each checkpoint to S3, encrypted like backups, so a retry on another worker resumes "
+        "from it; applies when S3 and a backup key are configured (RETRAIN_CHECKPOINT_MIRROR=off disables it)",
+    )
+    mirror_keep: int = Field(2, ge=1, le=50, description="mirrored checkpoints kept in S3 (the best one is also kept)")
 
     # --- throughput ------------------------------------------------------------------------------------
     # Off by default although it cuts padding (~20% faster steps on product_intent): when length tracks the label
@@ -131,7 +136,8 @@ class TrainingSpec(BaseModel):
         # Fields that only change when evaluation/logging happens or how many checkpoints are kept do not
         # invalidate a checkpoint.
         neutral = {"save_total_limit", "logging_steps", "early_stopping_patience", "early_stopping_threshold",
-                   "eval_batch_size"}
+                   "eval_batch_size", "checkpoint_mirror", "mirror_keep",
+                   "stop_at_step"}  # stop_at_step: where a run pauses (halving), not what it computes
         data = {k: v for k, v in self.model_dump(mode="json").items() if k not in neutral}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

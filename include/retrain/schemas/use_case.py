@@ -12,35 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retrain.schemas.training import TrainingSpec, with_overrides  # pydantic only: safe at DAG parse time
+from retrain.schemas.base import (  # noqa: F401 - ConfigError, Thresholds, Limits: re-exported for callers
+    ConfigError,
+    Limits,
+    Thresholds,
+    _format_validation_error,
+    _Strict,
+)
+from retrain.schemas.pii import PiiConfig
+from retrain.schemas.sweep import SweepConfig
+from retrain.schemas.training import TrainingSpec  # pydantic only: safe at DAG parse time
 from retrain.settings import use_cases_dir
 
 USE_CASE_NAME = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
-
-
-class ConfigError(ValueError):
-    """A configuration file or parameter is invalid; the message names the field and the fix."""
-
-
-class _Strict(BaseModel):
-    # Unknown keys are almost always typos ("min_row" for "min_rows"): reject them by name.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Thresholds(_Strict):
-    """Go/no-go rules applied to the candidate on the frozen test set (seed 004's decision framework)."""
-
-    min_score: float = Field(0.85, ge=0, le=1, description="minimum absolute primary score")
-    min_relative_improvement: float = Field(
-        0.10, ge=-1, le=10, description="minimum relative gain of the primary score over the baseline"
-    )
-    max_p95_latency_regression: float = Field(
-        0.25, ge=0, description="allowed relative increase of p95 latency over the baseline"
-    )
-    min_json_validity: float = Field(0.95, ge=0, le=1)
-    require_significance: bool = False
 
 
 class SplitRatios(_Strict):
@@ -56,6 +42,38 @@ class SplitRatios(_Strict):
         return self
 
 
+class DriftLevels(_Strict):
+    """Warn and fail levels of one drift metric (a value above ``warn`` warns, above ``fail`` fails if action: fail)."""
+
+    warn: float = Field(ge=0, description="warn when the metric is above this")
+    fail: float = Field(ge=0, description="fail validation (data.drift.action: fail) when the metric is above this")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftLevels:
+        if self.warn > self.fail:
+            raise ValueError(f"warn ({self.warn}) must not be above fail ({self.fail})")
+        return self
+
+
+class DriftRules(_Strict):
+    """``data.drift``: this month's batch against the accumulated dataset (retrain.data.drift). Metrics: per label
+    field the population stability index (``label_psi``) and Jensen-Shannon divergence, base 2 (``label_js``) of the
+    label distribution and the share of rows whose label the dataset has never seen (``unseen_labels``); for the
+    input, the PSI over the dataset's length deciles (``length_psi``) and the two-sample KS statistic of the lengths
+    (``length_ks``)."""
+
+    action: Literal["warn", "fail"] = Field(
+        "warn", description="warn: log and report drift, keep going; fail: a metric above its fail level fails "
+                            "validation")
+    min_rows: int = Field(100, ge=1, description="drift is n/a when the batch or the accumulated dataset has fewer "
+                                                 "rows (too few for a stable distribution)")
+    label_psi: DriftLevels = DriftLevels(warn=0.25, fail=1.0)
+    label_js: DriftLevels = DriftLevels(warn=0.05, fail=0.2)
+    unseen_labels: DriftLevels = DriftLevels(warn=0.05, fail=0.25)
+    length_psi: DriftLevels = DriftLevels(warn=0.25, fail=1.0)
+    length_ks: DriftLevels = DriftLevels(warn=0.2, fail=0.4)
+
+
 class DataRules(_Strict):
     """Rules for what counts as a usable month of production examples."""
 
@@ -69,6 +87,12 @@ class DataRules(_Strict):
         description="a batch where more than this share of rows breaks the contract fails validation",
     )
     split: SplitRatios = SplitRatios()
+    max_label_chars: int = Field(20_000, ge=100, description="a label (JSON text) longer than this is rejected")
+    max_label_depth: int = Field(32, ge=2, le=256, description="a label nested deeper than this is rejected")
+    min_new_rows: int = Field(
+        1, ge=0, description="fewest new or relabelled train/val rows this month for a retrain (force_retrain "
+                             "overrides)")
+    drift: DriftRules = DriftRules()
 
     @model_validator(mode="after")
     def _bounds(self) -> DataRules:
@@ -88,12 +112,27 @@ class TrainingConfig(TrainingSpec):
     backend: Literal["qlora", "openai"] = "qlora"
     base_model: str = "smollm2-135m-instruct"
     openai_base_model: str = "gpt-4o-mini-2024-07-18"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     max_cost_usd: float = Field(10.0, ge=0, description="openai backend: default cost ceiling per job")
+    allowed_base_models: list[str] | None = Field(
+        None, description="base_model values the trigger form may pick (qlora); unset = only base_model. Local "
+                          "directories under <RETRAIN_HOME>/models/base are always allowed")
+    allowed_openai_base_models: list[str] | None = Field(
+        None, description="base_model values the trigger form may pick on the openai backend; unset = only "
+                          "openai_base_model")
     openai_learning_rate_multiplier: float | None = Field(None, gt=0, description="openai backend; None = 'auto'")
     openai_batch_size: int | None = Field(None, ge=1, description="openai backend; None = batch_size")
     openai_price_per_1m_tokens: float | None = Field(
         None, ge=0, description="openai backend: USD per 1M training tokens for a model without a known price"
     )
+
+
+    def base_models_allowed(self, backend: str | None = None) -> list[str]:
+        """The model ids a run may override base_model with on ``backend`` (default: this block's backend)."""
+        if (backend or self.backend) == "openai":
+            return list(self.allowed_openai_base_models or [self.openai_base_model])
+        return list(self.allowed_base_models or [self.base_model])
 
 
 class BackupConfig(_Strict):
@@ -124,6 +163,10 @@ class EvaluationConfig(_Strict):
         True, description="local models decode under output_schema (enum values, property names, maxItems, a "
                           "repeated list item ends the list), as Ollama's format / vLLM's guided decoding serve "
                           "them; false scores raw greedy output")
+    slices: list[str] = Field(
+        default_factory=list, description="gold output fields (dotted paths) whose values slice the test set in the "
+                                          "report, besides input language and length; the gate's "
+                                          "max_slice_regression applies to every slice of 5+ examples")
 
 
 class FieldRoles(_Strict):
@@ -147,6 +190,13 @@ class UseCase(_Strict):
     training: TrainingConfig = TrainingConfig()
     backup: BackupConfig = BackupConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    pii: PiiConfig = PiiConfig()
+    sweep: SweepConfig | None = Field(
+        None, description="hyper-parameter sweep (retrain.schemas.sweep); runs only when the sweep Param asks")
+    limits: Limits = Limits()
+    approval: Literal["required", "none"] = Field(
+        "none", description="required: a GO candidate waits for a human Deploy/Reject in Airflow (task "
+                            "approve_deployment) before deploy_model; none: GO deploys at once")
 
     @field_validator("name")
     @classmethod
@@ -180,7 +230,21 @@ class UseCase(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _within_limits(self) -> UseCase:
+        self.limits.check({name: getattr(self.training, name, None) for name in Limits.model_fields}, "training.")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_fits_training(self) -> UseCase:
+        if self.sweep is not None:
+            self.sweep.check_values(self.training, self.limits)
+        return self
+
+    @model_validator(mode="after")
     def _fields_exist(self) -> UseCase:
+        for path in self.evaluation.slices:
+            if self.schema_at(path) is None:
+                raise ValueError(f"evaluation.slices: '{path}' is not a property of output_schema")
         for role in ("labels", "entities", "sets"):
             for path in getattr(self.fields, role):
                 node = self.schema_at(path)
@@ -220,18 +284,6 @@ class UseCase(_Strict):
         return user_content[len(prefix):end]
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source} is invalid:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling against the documented fields)"
-        lines.append(f"  - {loc}: {msg}")
-    lines.append("Fix the file (or the trigger parameter) and run again.")
-    return "\n".join(lines)
-
-
 def parse_use_case(data: Any, source: str = "use case") -> UseCase:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping of fields, got {type(data).__name__}")
@@ -266,62 +318,7 @@ def load_use_case(name: str, directory: Path | None = None) -> UseCase:
     return load_use_case_file(path)
 
 
-class RunParams(_Strict):
-    """Per-run overrides from the Airflow trigger form (typed Params) or the CLI."""
-
-    backend: Literal["qlora", "openai"] | None = None
-    base_model: str | None = None
-    sample_limit: int | None = Field(None, ge=1, description="collect at most this many new rows this run")
-    dry_run: bool = False
-    max_train_steps: int | None = Field(None, ge=1, description="cap optimizer steps of the qlora trainer")
-    adapter: Literal["qlora", "lora"] | None = Field(None, description="qlora (4-bit base) or lora (full precision)")
-    training_overrides: dict[str, Any] | None = Field(
-        None, description="TrainingSpec fields for this run only, e.g. {\"lora_r\": 32, \"learning_rate\": 5e-4}"
-    )
-    max_cost_usd: float | None = Field(None, ge=0, description="openai backend: refuse jobs estimated above this")
-    min_score: float | None = Field(None, ge=0, le=1)
-    min_relative_improvement: float | None = Field(None, ge=-1, le=10)
-    max_p95_latency_regression: float | None = Field(None, ge=0)
-    min_json_validity: float | None = Field(None, ge=0, le=1)
-    require_significance: bool | None = None
-
-    @field_validator("base_model")
-    @classmethod
-    def _blank_is_default(cls, v: str | None) -> str | None:
-        return v.strip() or None if v is not None else None
-
-
-def parse_run_params(raw: dict[str, Any]) -> RunParams:
-    # Airflow's trigger form sends "" and None for untouched optional fields.
-    cleaned = {k: v for k, v in raw.items() if v not in ("", None)}
-    try:
-        return RunParams.model_validate(cleaned)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error("run parameters", exc)) from None
-
-
-def apply_params(uc: UseCase, params: RunParams) -> UseCase:
-    """The use case with this run's overrides applied (validated again, so cross-field rules hold)."""
-    data = uc.model_dump()
-    if params.backend:
-        data["training"]["backend"] = params.backend
-    if params.base_model:
-        # One form field, two backends: an OpenAI model name must not become the local (qlora) base model, and
-        # the first run's baseline (registry.baseline_spec) must be the model the candidate was tuned from.
-        key = "openai_base_model" if data["training"]["backend"] == "openai" else "base_model"
-        data["training"][key] = params.base_model
-    training = data["training"]
-    overrides = dict(params.training_overrides or {})
-    if params.adapter:
-        overrides.setdefault("adapter", params.adapter)
-    if params.max_train_steps:
-        overrides["max_steps"] = params.max_train_steps
-    data["training"] = with_overrides(training, overrides)
-    for key in Thresholds.model_fields:
-        value = getattr(params, key)
-        if value is not None:
-            data["thresholds"][key] = value
-    return parse_use_case(data, f"use case '{uc.name}' with run parameters")
+# RunParams, parse_run_params and apply_params live in retrain.schemas.run_params (which imports this module).
 
 
 def split_template(template: str) -> tuple[str, str]:

@@ -4,9 +4,13 @@ This is what the Airflow ``train_candidate`` task calls (on ``queue="gpu"``, ``p
 out of process so that GPU memory is returned to the worker when it exits (there is no reliable way to free
 it inside a long-lived Python process), a native crash (CUDA, bitsandbytes) fails the task instead of the
 worker, and several GPUs can be used through ``accelerate launch``. Killing the task kills the trainer; the
-next try resumes from the newest complete checkpoint in ``run_dir/candidate/checkpoints``.
+next try resumes from the newest complete checkpoint in ``run_dir/candidate/checkpoints``. When S3 is configured,
+each checkpoint is also mirrored there, encrypted, by a background thread of this process
+(``retrain.train.mirror``), and a try on another worker whose disk lacks it resumes from the mirrored copy.
 
-Only the standard library and pydantic are imported here: DAG files import this module.
+Only the standard library and pydantic are imported here (plus retrain.settings / retrain.rundir, which import
+nothing else): DAG files import this module. Nothing here touches TRL or transformers: the trainer process
+applies its own library patches (retrain.train.qlora.cpu).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import threading
 import time
 from pathlib import Path
 
+from retrain import settings
+from retrain.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "train_result.json"
 STDERR_TAIL_LINES = 60
 _PROGRESS_BAR = re.compile(r"\d+%\|")
 
@@ -38,7 +44,7 @@ class TrainingFailed(RuntimeError):
 
 def visible_gpus() -> int:
     """GPUs this task may use, without importing torch (which would also initialise CUDA in the worker)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = settings.cuda_visible_devices()
     if visible is not None:
         ids = [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
         return len(ids)
@@ -67,7 +73,7 @@ def trainer_command(run_dir: Path, overrides: dict | None, *, processes: int | N
     would start a single process: accelerate 1.x only fans out CPU training through mpirun.)
     """
     gpus = visible_gpus()
-    n = processes or int(os.environ.get("RETRAIN_TRAIN_PROCESSES", "0") or 0) or max(gpus, 1)
+    n = processes or settings.train_processes() or max(gpus, 1)
     script = ["-m", "retrain.train.qlora.trainer", "--run-dir", str(run_dir), "--resume", "auto"]
     if overrides:
         script += ["--overrides", json.dumps(overrides)]
@@ -106,6 +112,31 @@ def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         proc.wait()
 
 
+def _stop_when_orphaned(proc: subprocess.Popen, parent: int, interval: float = 1.0) -> None:
+    """Stop the trainer when this process loses its parent. Under Airflow the task runs in a process group of its
+    own, so a worker killed outright (OOM killer, SIGKILL of its group) leaves it behind, training on, while the
+    retried try starts a second trainer on the same checkpoints. (The trainer itself dies with this process.)"""
+    while proc.poll() is None:
+        if os.getppid() != parent:
+            log.error("the task's parent process %d is gone (worker killed?): stopping the trainer", parent)
+            _stop(proc, grace=10)
+            return
+        time.sleep(interval)
+
+
+def _start_mirror(run: RunDir, use_case: str, meta: dict, spec, fingerprint: dict):
+    """The run's checkpoint mirror (retrain.train.mirror), after restoring a newer mirrored checkpoint into the
+    local checkpoints directory; None when mirroring is off. Never raises: mirroring must not fail training."""
+    from retrain.train.mirror import mirror_for_run, restore_before_start
+
+    mirror = mirror_for_run(run, use_case=use_case, run_id=str(meta.get("run_id") or run.path.name),
+                            fingerprint=fingerprint, enabled=spec.checkpoint_mirror, keep=spec.mirror_keep)
+    if mirror is not None:
+        restore_before_start(mirror)
+        mirror.start()
+    return mirror
+
+
 def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
     """Fine-tune the candidate of a prepared run directory in a separate process; returns train_result.json.
 
@@ -115,33 +146,35 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
     retried after training succeeded does not train again). Raises TrainingFailed (a RuntimeError) with the
     tail of the trainer's stderr when the trainer fails; the full output is in candidate/trainer.log.
     """
-    from retrain.rundir import load_run
     from retrain.train.spec import run_fingerprint, spec_for_run
 
-    run_dir_path = Path(run_dir).resolve()
-    uc, _ = load_run(run_dir_path)
+    run = RunDir(Path(run_dir).resolve())
+    run_dir_path = run.path
+    uc, meta = run.load()
     # Validated here, in the worker, so a typo fails in a second naming the field instead of after a model load.
     spec = spec_for_run(run_dir_path, extra_overrides)
-    out = run_dir_path / "candidate"
-    result_path = out / RESULT_FILE
+    out = run.candidate
+    result_path = run.train_result
+    fingerprint = run_fingerprint(run_dir_path, spec, uc.training.base_model)
     if result_path.is_file():
         try:
             previous = json.loads(result_path.read_text())
         except json.JSONDecodeError:
             previous = {}
-        same = previous.get("fingerprint") == run_fingerprint(run_dir_path, spec, uc.training.base_model)
+        same = previous.get("fingerprint") == fingerprint
         if same and Path(previous.get("merged_path", "")).is_dir():
             log.info("training already finished for these settings: reusing %s", result_path)
             return previous
     out.mkdir(parents=True, exist_ok=True)
+    mirror = _start_mirror(run, uc.name, meta, spec, fingerprint)
 
     cmd, processes = trainer_command(run_dir_path, extra_overrides)
-    env = os.environ.copy()
-    env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they happen, not when a buffer fills
+    # PYTHONUNBUFFERED: progress lines must arrive as they happen, not when a buffer fills.
+    env = settings.subprocess_env(PYTHONUNBUFFERED="1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("launching the trainer (%d process%s): %s", processes, "" if processes == 1 else "es", " ".join(cmd))
 
-    trainer_log = out / "trainer.log"
+    trainer_log = run.trainer_log
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     started = time.time()
     with open(trainer_log, "a", encoding="utf-8") as log_file:
@@ -156,7 +189,7 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
             env=env,
             cwd=str(run_dir_path),
         )
-        (out / "trainer.pid").write_text(str(proc.pid))
+        run.trainer_pid.write_text(str(proc.pid))
         lock = threading.Lock()
 
         def pump_stderr() -> None:
@@ -175,6 +208,8 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
 
         reader = threading.Thread(target=pump_stderr, name="trainer-stderr", daemon=True)
         reader.start()
+        threading.Thread(target=_stop_when_orphaned, args=(proc, os.getppid()), name="trainer-orphan-watch",
+                         daemon=True).start()
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
                 line = line.rstrip("\n")
@@ -183,12 +218,17 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
                     log_file.flush()
                 if line.strip():
                     log.info("%s", line)
+                if mirror is not None and line.startswith("[save] checkpoint-"):
+                    mirror.notify()  # written completely: the mirror uploads it in the background
             code = proc.wait()
         finally:
             # Task killed or interrupted while streaming: take the trainer down with it to free the GPU.
             _stop(proc)
             reader.join(timeout=10)
-            (out / "trainer.pid").unlink(missing_ok=True)
+            run.trainer_pid.unlink(missing_ok=True)
+            if mirror is not None:
+                # A failed trainer may be retried on another worker: its newest checkpoint goes up first.
+                mirror.close(catch_up=proc.returncode != 0)
 
     if code != 0:
         last = "\n".join(tail) or "(nothing on stderr)"
@@ -196,7 +236,7 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
             f"the trainer {_describe_exit(code)} after {time.time() - started:.0f} s "
             f"(run dir {run_dir_path}). Last stderr lines:\n{last}\n"
             f"Full output: {trainer_log}. Fix the cause and retry the task: training resumes from the newest "
-            f"complete checkpoint in {out / 'checkpoints'}."
+            f"complete checkpoint in {run.checkpoints}."
         )
     if not result_path.is_file():
         raise TrainingFailed(

@@ -14,6 +14,8 @@ from typing import Any
 from retrain.rundir import RunDir, load_run, sha256_file
 from retrain.schemas.training import TrainingSpec, TrainingSpecError, spec_from_use_case
 
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of b""
+
 
 def read_overrides_file(run_dir: str | Path) -> dict[str, Any]:
     path = RunDir(run_dir).train_overrides
@@ -26,15 +28,6 @@ def read_overrides_file(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TrainingSpecError(f"{path} must hold a JSON object of TrainingSpec fields, got {type(data).__name__}")
     return data
-
-
-def spec_for_run(run_dir: str | Path, extra_overrides: dict[str, Any] | None = None) -> TrainingSpec:
-    """The effective spec of a prepared run directory: use case + train_overrides.json + extra_overrides."""
-    from retrain.rundir import load_run
-
-    uc, _ = load_run(run_dir)
-    overrides = {**read_overrides_file(run_dir), **(extra_overrides or {})}
-    return spec_from_use_case(uc.training, overrides)
 
 
 def spec_for_run(run_dir: str | Path, extra_overrides: dict[str, Any] | None = None) -> TrainingSpec:
@@ -54,7 +47,7 @@ def run_fingerprint(run_dir: str | Path, spec: TrainingSpec, base_model: str) ->
     for name in ("train", "val"):
         path = RunDir(run_dir).split(name)
         # An absent split hashes as empty (sha256 of b""), as it always has.
-        out[name + "_sha256"] = sha256_file(path) if path.is_file() else "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        out[name + "_sha256"] = sha256_file(path) if path.is_file() else _EMPTY_SHA256
     return out
 
 

@@ -10,7 +10,6 @@ or re-attaches to the job, then defers -> ``OpenAIFineTuneTrigger`` (triggerer, 
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -66,12 +65,9 @@ class OpenAIFineTuneOperator(BaseOperator):
         # Read on the worker at run time, not at parse time: the DAG file stays free of environment lookups.
         if self.poll_interval is not None:
             return float(self.poll_interval)
-        return float(os.environ.get("RETRAIN_OPENAI_POLL_SECONDS") or DEFAULT_POLL_SECONDS)
+        from retrain import settings
 
-    def _credentials(self) -> tuple[str | None, str | None]:
-        from retrain.train.openai.trigger import resolve_credentials
-
-        return resolve_credentials(self.conn_id)
+        return settings.openai_poll_seconds(DEFAULT_POLL_SECONDS)
 
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowFailException
@@ -79,10 +75,9 @@ class OpenAIFineTuneOperator(BaseOperator):
         from retrain.train.openai.job import CostLimitExceeded, FormatCheckError, prepare_openai_job
         from retrain.train.openai.trigger import OpenAIFineTuneTrigger
 
-        key, url = self._credentials()
         try:
-            job = prepare_openai_job(str(self.run_dir), api_key=key, base_url=url,
-                                     max_cost_usd=self.max_cost_usd, model=self.model or None)
+            job = prepare_openai_job(str(self.run_dir), conn_id=self.conn_id, max_cost_usd=self.max_cost_usd,
+                                     model=self.model or None)
         except (FormatCheckError, CostLimitExceeded) as exc:
             # The data or the budget must change first: retrying the task cannot help.
             raise AirflowFailException(str(exc)) from None
@@ -123,15 +118,14 @@ class OpenAIFineTuneOperator(BaseOperator):
     def on_kill(self) -> None:
         """Killed while execute() ran (e.g. SIGTERM, execution_timeout): cancel the job if one exists already.
         While deferred, the trigger's on_kill does this instead."""
-        from retrain.train.openai.job import cancel_job, credentials, recorded_job_id
+        from retrain.train.openai.job import cancel_job, recorded_job_id
 
         job_id = recorded_job_id(Path(str(self.run_dir)))
         if not job_id:
             self.log.info("on_kill: no OpenAI job recorded for %s, nothing to cancel", self.run_dir)
             return
         try:
-            key, url = credentials(*self._credentials())
-            outcome = cancel_job(job_id, api_key=key, base_url=url)
+            outcome = cancel_job(job_id, conn_id=self.conn_id)
             self.log.warning("on_kill: job %s -> %s", job_id, outcome["status"])
         except Exception as exc:  # noqa: BLE001 - on_kill must not raise; say what to do by hand
             self.log.error("on_kill: could not cancel OpenAI job %s (%s); cancel it in the OpenAI dashboard",

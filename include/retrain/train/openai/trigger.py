@@ -17,7 +17,6 @@ trigger's kwargs, which Airflow stores in its database.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import deque
@@ -29,54 +28,11 @@ from typing import Any
 import openai
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from retrain import settings
+from retrain.train.openai.errors import OpenAIFineTuneError, require_api_key
 from retrain.train.openai.job import ACTIVE_STATES, TERMINAL_STATES, api_error_message, is_transient_error
 
 CLASSPATH = "retrain.train.openai.trigger.OpenAIFineTuneTrigger"
-
-
-def _from_connection(conn: Any) -> tuple[str | None, str | None]:
-    extra = conn.extra_dejson or {}
-    url = extra.get("base_url") or (conn.host if (conn.host or "").startswith(("http://", "https://")) else None)
-    return conn.password or extra.get("api_key") or None, url
-
-
-def _mask(secret: str | None) -> None:
-    if not secret:
-        return
-    try:
-        from airflow.sdk.log import mask_secret
-
-        mask_secret(secret)
-    except Exception:  # noqa: BLE001 - masking is best effort outside a task (CLI, tests)
-        pass
-
-
-def resolve_credentials(conn_id: str | None) -> tuple[str | None, str | None]:
-    """(api_key, base_url) from the Airflow connection if it exists, else (None, None) so callers fall back to
-    OPENAI_API_KEY / OPENAI_BASE_URL (retrain.train.openai.job.credentials). The key is masked in task logs."""
-    key = url = None
-    if conn_id:
-        try:
-            from airflow.sdk import BaseHook
-
-            key, url = _from_connection(BaseHook.get_connection(conn_id))
-        except Exception:  # noqa: BLE001 - not defined / no API server (CLI, tests): use the environment
-            key, url = None, None
-    _mask(key or os.environ.get("OPENAI_API_KEY"))
-    return key, url
-
-
-async def aresolve_credentials(conn_id: str | None) -> tuple[str | None, str | None]:
-    key = url = None
-    if conn_id:
-        try:
-            from airflow.sdk import BaseHook
-
-            key, url = _from_connection(await BaseHook.aget_connection(conn_id))
-        except Exception:  # noqa: BLE001 - see resolve_credentials
-            key, url = None, None
-    _mask(key or os.environ.get("OPENAI_API_KEY"))
-    return key, url
 
 
 class OpenAIFineTuneTrigger(BaseTrigger):
@@ -112,11 +68,10 @@ class OpenAIFineTuneTrigger(BaseTrigger):
         }
 
     async def _client(self, max_retries: int = 0):
-        from retrain.train.openai.job import credentials
-
-        key, url = credentials(*await aresolve_credentials(self.conn_id))
+        key, url = await settings.aopenai_credentials(self.conn_id)
         # Retries are ours (below) so every backoff shows up in the task log.
-        return openai.AsyncOpenAI(api_key=key, base_url=url, max_retries=max_retries, timeout=60.0)
+        return openai.AsyncOpenAI(api_key=require_api_key(key), base_url=url, max_retries=max_retries,
+                                  timeout=60.0)
 
     def _backoff(self, failures: int, exc: BaseException) -> float:
         wait = min(self.max_backoff, max(self.poll_interval, 0.05) * 2 ** failures)
@@ -152,8 +107,6 @@ class OpenAIFineTuneTrigger(BaseTrigger):
                          "data": data})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from retrain.train.openai.job import OpenAIFineTuneError
-
         try:
             client = await self._client()
         except OpenAIFineTuneError as exc:  # no credentials on the triggerer: say so instead of a traceback
