@@ -133,17 +133,27 @@ class Api:
 @pytest.fixture(scope="session")
 def stack(pg_url):
     """The docker-compose.yaml process list, natively, on the session's examples database."""
+    import signal
+
     from retrain.cli.stack import Stack, StackError
 
+    def interrupt(signum, frame):  # `timeout pytest ...` / CI cancelling: tear the stack down, leave no orphans
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         s = Stack(extra_env=STACK_ENV, out=sys.stderr)
         s.start(timeout=300)
     except (StackError, FileNotFoundError) as exc:
+        signal.signal(signal.SIGTERM, previous)
         if "redis-server" in str(exc) or "moto_server" in str(exc):
             pytest.skip(f"a stack binary is not installed: {exc}")
         raise
-    yield s
-    s.stop()
+    try:
+        yield s
+    finally:
+        s.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,8 @@ def docs() -> Path:
     """A run directory under $RETRAIN_HOME/runs (so the plugin serves it) validated twice: one failed attempt
     (a test row leaks into train: the dataset suite fails) then the fixed data, like a person re-running it."""
     uc = load_use_case("product_intent")
-    run = runs_dir() / "product_intent" / "manual__2026-12-01T09_00_00_00_00"
+    # Under $RETRAIN_HOME/runs (the plugin serves nothing else), apart from the use cases' own run directories.
+    run = runs_dir() / "_browser_test" / "manual__2026-12-01T09_00_00_00_00"
     rows = clean_rows(120)
     bad = list(rows)
     bad[9] = (rows[0][0], rows[0][1])  # row 9 is a test row; its input is also train row 0's
@@ -121,6 +122,32 @@ def test_generated_data_docs_reference_nothing_outside_the_site(docs):
         for asset in ("jquery.min.js", "bootstrap.min.css", "bootstrap-table.min.js", "fontawesome/css/all.min.css",
                       "fontawesome/webfonts/fa-solid-900.woff2"):
             assert (site / "static" / "vendor" / asset).is_file(), asset
+
+
+def test_unknown_external_assets_are_dropped_and_known_ones_vendored():
+    """A newer GX template may reference something not vendored yet: it must not be loaded from the internet."""
+    from retrain.data.datadocs import rewrite_page
+
+    page = """<html><head>
+<script src="https://code.jquery.com/jquery-3.7.1.min.js" integrity="sha384-x" crossorigin="anonymous"></script>
+<script src="https://cdn.example.com/new-lib@2/lib.min.js"></script>
+<link rel="stylesheet" href="//cdn.example.com/new.css">
+<script src="https://cdn.jsdelivr.net/npm/vega@5"></script>
+<style>.x { background: url('https://evil.example/track.gif') } .y { background: url(https://a.b/logo.png) }</style>
+<link rel="shortcut icon" href="../../static/images/favicon.ico"/>
+</head><body><img src="https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/logo-long.png?d=1">
+<a href="https://greatexpectations.io">Great Expectations</a> <a href="#top">top</a>
+<footer>
+  <p>Stay current on everything GX with our newsletter <a href="https://x">Subscribe</a></p>
+</footer></body></html>"""
+    out = rewrite_page(page, "../../..")
+    assert "http" not in out and "//cdn" not in out, out
+    assert '<script src="../../../static/vendor/jquery.min.js"></script>' in out  # no integrity/crossorigin
+    assert 'src="../../../static/images/logo-long.png"' in out and "url('../../../static/images/logo-long.png')" in out
+    assert "url(none)" not in out and "background: none" in out
+    assert 'href="../../../static/images/favicon.ico"' in out  # GX's one-level-short path, corrected
+    assert "<a>Great Expectations</a>" in out and '<a href="#top">top</a>' in out and "newsletter" not in out
+    assert "<noscript>" in out
 
 
 # --- the browser ------------------------------------------------------------------------------------------------
@@ -212,6 +239,7 @@ def test_data_docs_from_file_url_list_the_runs_with_no_network(browser, docs):
     page.wait_for_function("document.querySelector('.bootstrap-table') !== null", timeout=15_000)
     assert rows.count() == 2, page.content()[:3000]
     assert "product_intent.dataset" in rows.all_inner_texts()[0] + rows.all_inner_texts()[1]
+    assert page.get_by_role("button", name="Clear Filters").first.is_visible()  # bootstrap-table's filters work
     assert net.outside == [] and errors == [], (net.outside, errors)
     _shot(page, "datadocs_index_file.png")
 
@@ -276,6 +304,7 @@ def test_data_docs_served_by_the_plugin_list_the_runs_and_are_styled_without_scr
     assert "script-src 'none'" in csp and "allow-scripts" not in csp  # unchanged: no script runs in a report
     rows = page.locator("table.ge-index-page-validation-results-table tbody tr")
     assert rows.count() == 2 and page.locator(".bootstrap-table").count() == 0  # plain HTML rows, no JS
+    assert not page.get_by_role("button", name="Clear Filters").first.is_visible()  # needs JS: hidden
     texts = " ".join(rows.all_inner_texts())
     assert "manual__2026-12-01T09_00_00_00_00" in texts and "Success" in texts and "batch" in texts
     _assert_styled(_is_bootstrap_styled(page) | {"cell_padding": page.evaluate(
@@ -351,6 +380,17 @@ def stack_rows(pg_url):
     return STACK_ROWS
 
 
+def _frame(page, url_part: str, timeout: float = 30.0):
+    """The (embedded) frame whose URL contains url_part, once it has navigated there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for frame in page.frames:
+            if url_part in frame.url:
+                return frame
+        assert time.monotonic() < deadline, (url_part, [f.url for f in page.frames])
+        page.wait_for_timeout(200)
+
+
 def _open_section(dialog, name: str) -> None:
     """Expand one section of the trigger form (an accordion) and scroll it to the top of the dialog."""
     button = dialog.get_by_role("button", name=name, exact=True)
@@ -373,6 +413,7 @@ def _log_in(page, stack, next_path: str) -> None:
 def test_a_person_triggers_a_dry_run_and_follows_it_to_the_data_docs(stack, api, stack_rows, browser):
     params = api.get(f"/api/v2/dags/{DAG_ID}/details")["params"]
     context = browser.new_context(viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(60_000)  # two cores shared with the whole stack
     net = Offline(context)
     page = context.new_page()
 
@@ -443,13 +484,13 @@ def test_a_person_triggers_a_dry_run_and_follows_it_to_the_data_docs(stack, api,
     texts = docs_rows.all_inner_texts()
     assert len(texts) >= 2 and all("Success" in t for t in texts), texts
     assert any("product_intent.dataset" in t for t in texts) and any("product_intent.batch" in t for t in texts)
-    _settle(next(f for f in page.frames if f.url.endswith("/data_docs/index.html")))
+    _settle(_frame(page, "/data_docs/index.html"))
     _shot(page, "retrain_data_docs_index.png")
 
     # ... and the validation page is laid out by the vendored Bootstrap, inside the Airflow UI.
     docs_rows.filter(has_text="product_intent.dataset").first.locator("a").click()
     frame.get_by_text("Expectation Validation Result").first.wait_for(timeout=30_000)
-    docs_frame = next(f for f in page.frames if "/data_docs/validations/" in f.url)
+    docs_frame = _frame(page, "/data_docs/validations/")
     assert _settle(docs_frame) == ["loaded"]  # the vendored icon font, served by the plugin
     _assert_styled(_is_bootstrap_styled(docs_frame))
     _shot(page, "retrain_data_docs_validation.png")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -136,6 +137,13 @@ def test_monthly_run_for_a_logical_date_and_a_second_trigger_waits_for_it(stack,
     first_of_next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, 3, tzinfo=timezone.utc)
     assert datetime.fromisoformat(dag["next_dagrun_logical_date"]) == first_of_next_month, dag
     assert dag["timetable_summary"] == "0 3 1 * *" and dag["max_active_runs"] == 1
+    # Unpausing made the scheduler create the latest monthly run itself (catchup=False: only that one).
+    this_month = datetime(now.year, now.month, 1, 3, tzinfo=timezone.utc)
+    if now < this_month:
+        this_month = datetime(now.year - (now.month == 1), (now.month - 2) % 12 + 1, 1, 3, tzinfo=timezone.utc)
+    scheduled = [r for r in api.get(f"/api/v2/dags/{DAG_ID}/dagRuns", limit=100)["dag_runs"]
+                 if r["run_type"] == "scheduled"]
+    assert [datetime.fromisoformat(r["logical_date"]) for r in scheduled] == [this_month], scheduled
 
     first = api.trigger({"dry_run": True}, logical_date="2026-11-01T03:00:00Z")
     second = api.trigger({"dry_run": True})
@@ -177,6 +185,7 @@ def _complete_checkpoints(run: RunDir) -> list[int]:
 
 
 @pytest.mark.stack
+@pytest.mark.slow  # trains through the real stack and kills the gpu worker: ~10 min idle on 2 cores (make test-all)
 def test_real_run_trains_on_the_gpu_worker_survives_its_crash_and_resumes(stack, api, seeded):
     run = api.trigger(TRAIN)
     run_id = run["dag_run_id"]
@@ -222,5 +231,8 @@ def test_real_run_trains_on_the_gpu_worker_survives_its_crash_and_resumes(stack,
     assert not _trainers(rd.path), "a trainer process outlived its run"
     decision = json.loads(rd.decision.read_text())
     assert decision["decision"] in ("GO", "NO-GO")
+    print(f"\n[figures] stack ready in {stack.ready_seconds}s; killed after checkpoint-{killed_at}, resumed from step "
+          f"{result['resumed_from_step']}; decision {decision['decision']}; (state, queue, hostname) per task:\n"
+          + "\n".join(f"  {t:20s} {h}" for t, h in hosts.items()), file=sys.stderr)
     assert (hosts["deploy_model"][0], hosts["reject_candidate"][0]) in (("success", "skipped"),
                                                                         ("skipped", "success"))

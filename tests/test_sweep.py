@@ -112,6 +112,8 @@ def test_halving_schedule_is_a_pure_budget_rule():
     assert s["first_budget"] == [10, 20, 5, 8] and s["keep"] == 2 and s["max_optimizer_steps"] == 43 + 180 + 90
     assert halving_schedule([3], eta=2, first_budget_fraction=0.01)["first_budget"] == [1]
     assert survivors({"c1": 0.5, "c2": None, "c3": 0.9, "c4": 0.5}, 3) == ["c3", "c1", "c4"]
+    # A tie on the metric goes to the lower validation loss (never to the training loss), then to plan order.
+    assert survivors({"c1": 0.5, "c2": 0.5, "c3": 0.5}, 2, {"c1": 1.2, "c2": 0.7, "c3": None}) == ["c2", "c1"]
 
 
 def test_openai_sweep_cost_sum_must_fit_the_limit():
@@ -268,7 +270,8 @@ def test_dag_maps_training_over_three_candidates_halves_and_registers_the_losers
     rd = RunDir.for_run("product_intent", run.run_id)
     report = json.loads(rd.sweep_report_json.read_text())
     scores = {r["name"]: r["primary_score"] for r in report["candidates"]}
-    assert report["winner"] == survivors(scores, 1)[0]  # the best on validation goes on to the frozen test set
+    losses = {r["name"]: r["eval_loss"] for r in report["candidates"] if r["trained"] == "full"}
+    assert report["winner"] == survivors({k: scores[k] for k in losses}, 1, losses)[0]  # best on validation
     assert rd.read_train_result()["sweep_candidate"] == report["winner"]
     assert rd.sweep_plot.is_file() and "| candidate | learning_rate |" in rd.sweep_report_md.read_text()
 
@@ -284,3 +287,44 @@ def test_dag_maps_training_over_three_candidates_halves_and_registers_the_losers
     assert main["status"] in ("production", "rejected") and main["artifact"] == str(rd.merged)
     assert report["optimizer_steps"] == 3 * 2 + 2 and report["full_grid_steps"] == 12
     assert sorted(r["trained"] for r in report["candidates"]) == ["first rung", "first rung", "full"]
+
+
+# --- registry -------------------------------------------------------------------------------------------------
+
+
+def test_not_selected_candidates_are_registered_once_and_never_promoted(db_conn):
+    from retrain import db
+    from retrain.registry import store as registry
+
+    db.ensure_schema(db_conn)  # schema.sql again: the status CHECK is rebuilt only once
+    db_conn.commit()
+    kwargs = dict(use_case="product_intent", run_id="m1#sweep-c2", backend="qlora", base_model="smollm2-135m-instruct",
+                  artifact="/runs/m1/sweep/c2/candidate/adapter", reason="sweep of run m1: c1 scored higher",
+                  metrics={"validation": {"primary_score": 0.42}})
+    row = registry.record_not_selected(db_conn, **kwargs)
+    assert (row["status"], row["version"], row["created"]) == ("not_selected", 1, True)
+    again = registry.record_not_selected(db_conn, **kwargs)
+    assert (again["version"], again["created"]) == (1, False)
+    assert row["metrics"]["validation"]["primary_score"] == 0.42
+    with pytest.raises(registry.RegistryError, match="lost its sweep on validation"):
+        registry.promote(db_conn, use_case="product_intent", version=1, actor="t", reason="try")
+    (event,) = registry.history(db_conn, "product_intent")
+    assert (event["action"], event["to_status"]) == ("register", "not_selected")
+    with db_conn.cursor() as cur, pytest.raises(Exception, match="model_versions_status_check"):
+        cur.execute("UPDATE model_versions SET status = 'bogus' WHERE version = 1")
+    db_conn.rollback()
+
+
+def test_openai_sweep_sums_the_candidates_estimates_against_max_cost(tmp_path):
+    from retrain import sweep
+    from retrain.train.openai.checks import price_per_1m
+
+    run_dir = _sweep_run_dir(tmp_path, "smollm2-135m-instruct",
+                             {"space": {"epochs": [1, 3], "openai_learning_rate_multiplier": [0.5, 2.0]}})
+    estimate = {"billed_tokens_per_epoch": 1_000_000, "model": "gpt-4o-mini-2024-07-18"}
+    price = price_per_1m("gpt-4o-mini-2024-07-18")
+    out = sweep.openai_cost_check(run_dir, estimate, max_cost_usd=8 * price + 0.01)
+    assert out["total_usd"] == pytest.approx(8 * price)  # 1 + 1 + 3 + 3 epochs of 1M tokens
+    with pytest.raises(SweepError) as err:
+        sweep.openai_cost_check(run_dir, estimate, max_cost_usd=8 * price - 0.01)
+    assert f"sum to ${8 * price:.4f}, over the limit max_cost_usd" in str(err.value)

@@ -5,7 +5,7 @@ triggered with ``approval=required``) waits for a reviewer's Deploy/Reject in Ai
   ``approval`` (``required`` | ``none``). A run may always require approval; waiving a YAML ``required`` is a
   loosening like a lowered threshold: it needs ``gate_override_reason`` and is recorded as a gate override
   (run_config.json, decision.json, the report, the registry history) and sent to ops.
-* The task (:func:`approval_task`): Airflow's own ``HITLBranchOperator`` (apache-airflow-providers-standard) with
+* The task (:func:`approval_task`): Airflow's ``HITLBranchOperator`` (apache-airflow-providers-standard) with
   the options Deploy/Reject mapped to ``deploy_model``/``reject_candidate``, a ``comment`` field, and the request
   that ``decide`` prepared (:func:`request_message`) as its subject and body. On Airflow 3.3 it parks in the task
   state ``awaiting_input``: no worker slot, no trigger, no triggerer. A reviewer answers in the UI (Required
@@ -37,8 +37,9 @@ DEPLOY, REJECT = "Deploy", "Reject"
 OPTIONS_MAPPING = {DEPLOY: "deploy_model", REJECT: "reject_candidate"}
 RESPONSE_TIMEOUT = timedelta(days=7)
 MAX_COMMENT_CHARS = 1000
-log = logging.getLogger(__name__)
 FILES_URL = "/retrain/files"  # where plugins/retrain_ui.py serves run files (paths relative to $RETRAIN_HOME/runs)
+
+log = logging.getLogger(__name__)
 
 
 # --- policy --------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         with os.fdopen(fd, mode, **({"encoding": encoding} if "b" not in mode else {})) as fh:
             yield fh
             fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -194,7 +194,7 @@ def halve(results: list[dict], score: Score) -> list[dict]:
     plan_data = read_json(rd.sweep_plan)
     keep = (plan_data.get("halving") or {}).get("keep") or len(results)
     scores = {r["name"]: scored(r["run_dir"], score).get("primary_score") for r in results}
-    kept = survivors(scores, keep)
+    kept = survivors(scores, keep, {r["name"]: r.get("eval_loss") for r in results})
     log.info("halving: validation scores after the first rung %s; continuing %s",
              ", ".join(f"{k}={_fmt(v)}" for k, v in scores.items()), ", ".join(kept))
     plan_data["rung1"] = {"scores": scores, "kept": kept, "steps_trained": {r["name"]: r["steps_trained"]
@@ -233,7 +233,7 @@ def _report(rd: RunDir, results: list[dict], score: Score) -> dict:
     plan_data = read_json(rd.sweep_plan)
     finals = {r["name"]: r for r in results}
     final_scores = {name: scored(r["run_dir"], score).get("primary_score") for name, r in finals.items()}
-    winner = survivors(final_scores, 1)[0]
+    winner = survivors(final_scores, 1, {name: r.get("eval_loss") for name, r in finals.items()})[0]
     rung1_steps = (plan_data.get("rung1") or {}).get("steps_trained") or {}
     table = []
     for c in plan_data["candidates"]:

@@ -254,8 +254,11 @@ class MemberTree:
         self.dirs.update(parents)
 
 
-def hash_stream(fobj) -> str:
+def hash_stream(fobj, out=None) -> str:
+    """SHA-256 of what ``fobj`` yields, copying it to ``out`` (a binary file) on the way when given."""
     h = hashlib.sha256()
     while block := fobj.read(1 << 20):
         h.update(block)
+        if out is not None:
+            out.write(block)
     return h.hexdigest()

@@ -13,7 +13,6 @@ whose message names the problem and the next step.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -467,14 +466,11 @@ def restore_backup(backup_id: str, target_dir: str | Path | None = None, *, over
         except (FileExistsError, NotADirectoryError, IsADirectoryError):  # MemberTree already refuses these
             raise BackupIntegrityError(f"archive member {name!r} of backup {backup_id} conflicts with another "
                                        "member: refusing it; restore another backup (list_backups)") from None
-        h = hashlib.sha256()
         with out:
-            while block := fobj.read(1 << 20):
-                h.update(block)
-                out.write(block)
+            digest = hash_stream(fobj, out)
         os.chmod(dest, (member.mode & 0o777) | 0o600)
         os.utime(dest, (member.mtime, member.mtime))
-        return h.hexdigest()
+        return digest
 
     old: Path | None = None
     try:

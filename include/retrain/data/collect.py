@@ -34,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from retrain.rundir import atomic_write
 from retrain.data.scrub import might_contain_pii, scrub_text, scrub_value
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,6 @@ def collect_examples(
     """
     started = time.monotonic()
     out_file = Path(out_file)
-    tmp = out_file.with_suffix(out_file.suffix + ".tmp")
     skipped: Counter[str] = Counter()
     scrubbed: Counter[str] = Counter()
     written = 0
@@ -265,7 +265,7 @@ def collect_examples(
     train_cut, val_cut = split_cuts(train, val)
     workers = _workers_for(window)
     # A named cursor is a server-side cursor: rows arrive FETCH_ROWS at a time instead of all at once.
-    with conn.cursor(name=f"collect_{os.getpid()}") as stream, open(tmp, "w", encoding="utf-8") as fh:
+    with conn.cursor(name=f"collect_{os.getpid()}") as stream, atomic_write(out_file) as fh:
         stream.itersize = FETCH_ROWS
         stream.execute(_SELECT_WINDOW, {"use_case": use_case, **window})
         chunks = iter(lambda: stream.fetchmany(FETCH_ROWS), [])
@@ -303,8 +303,8 @@ def collect_examples(
                 (window["to_created_at"], window["to_id"], window["to_ts"], run_id, use_case, _EPOCH,
                  window["to_ts"], window["to_id"]),
             )
-    # The file is complete before the watermark commits: a crash in between replays the same window.
-    os.replace(tmp, out_file)
+    # The file was complete (renamed into place) before the watermark commits: a crash in between replays the
+    # same window; a crash while writing leaves no partial or .tmp file behind (rundir.atomic_write).
     conn.commit()
 
     seconds = time.monotonic() - started

@@ -14,8 +14,8 @@ like that, the index was empty (its table is filled by bootstrap-table from an i
 * drops vega (only GX's profiling charts use it; our expectations render none), the newsletter footer, and the
   href of any other external link, and points the S3 logo at the local copy GX already ships;
 * writes the index's tables as plain HTML rows (run, suite, status, link to the validation page), so the index
-  lists the validation runs with scripts blocked. Where scripts run (file://), bootstrap-table still rebuilds the
-  same rows with sorting and filters.
+  lists the validation runs with scripts blocked (and hides the filter buttons that need them). Where scripts run
+  (file://), bootstrap-table still rebuilds the same rows with sorting and filters.
 
 Standard library only: this module is imported by validate.py, which DAG files import at parse time.
 """
@@ -62,10 +62,14 @@ CDN_ASSETS: dict[str, str | None] = {
     "https://cdn.jsdelivr.net/npm/vega-lite@5": None,
     "https://cdn.jsdelivr.net/npm/vega-embed@6": None,
 }
+# Where scripting is off (the UI plugin serves reports sandboxed, without allow-scripts) the table toolbars' filter
+# buttons do nothing: hide them. <noscript> renders exactly then, and the plugin's CSP allows inline styles.
+_NOSCRIPT = '<noscript><style>[id$="-body-table-toolbar"] {display: none}</style></noscript>'
 _LOGO = "static/images/logo-long.png"  # GX copies its own static/ (images, fonts, styles) into every site
 
 _TAG = re.compile(r"<(script|link|img|a)\b([^>]*)>(\s*</script>)?", re.IGNORECASE)
 _ATTR_URL = re.compile(r"""\b(src|href)\s*=\s*(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
+_LINK_ATTR = re.compile(r"""\s*\bhref\s*=\s*(["']).*?\1""", re.IGNORECASE | re.DOTALL)
 _SRI = re.compile(r"""\s+(integrity|crossorigin)(\s*=\s*(["']).*?\3)?""", re.IGNORECASE)
 _CSS_URL = re.compile(r"""url\(\s*(["']?)((?:https?:)?//[^)"']*)\1\s*\)""", re.IGNORECASE)
 _FOOTER = re.compile(r"<footer>\s*<p>Stay current on everything GX.*?</footer>", re.IGNORECASE | re.DOTALL)
@@ -124,11 +128,13 @@ def rewrite_page(text: str, root: str) -> str:
             logo = f'src="{root}/{_LOGO}"'
             return f"<{m.group(1)}{_ATTR_URL.sub(lambda a: logo, attrs, count=1)}>{closing}"
         if name == "a":  # keep the link text, drop the way out
-            return f"<{m.group(1)}{_ATTR_URL.sub(lambda a: '', attrs, count=1)}>{closing}"
+            return f"<{m.group(1)}{_LINK_ATTR.sub('', attrs, count=1)}>"
         leftovers.append(url)
         return ""  # an unknown external script or stylesheet: a newer GX template; never load it
 
     text = _FOOTER.sub("", text)
+    if _NOSCRIPT not in text:
+        text = text.replace("</head>", f"{_NOSCRIPT}\n</head>", 1)
     text = _TAG.sub(tag, text)
     text = _CSS_URL.sub(lambda m: _css_url(m, f"{root}/{_LOGO}"), text)
     if leftovers:

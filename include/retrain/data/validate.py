@@ -21,8 +21,8 @@ wrong types) and GX's pandas metrics raise on some of those, which would turn on
 traceback instead of a failed expectation with examples. Everything derived is computed here, in plain
 Python, with None for "not applicable", because GX column-map expectations skip nulls.
 
-Outputs in run_dir: ``data_docs/`` (static GX Data Docs site), ``validation.json`` (summary per
-expectation). ``great_expectations`` and ``pandas`` are imported inside the function: importing GX takes
+Outputs in run_dir: ``data_docs/`` (static GX Data Docs site, self-contained: retrain.data.datadocs),
+``validation.json`` (summary per expectation). ``great_expectations`` and ``pandas`` are imported inside the function: importing GX takes
 seconds and this module is imported by DAG files at parse time.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 from retrain.schemas.use_case import UseCase
 from retrain.evaluate.analysis import ERROR_CLASSES
 from retrain.evaluate.gate import decide, decision_text, override_note
-from retrain.rundir import RunDir, read_json, write_json
+from retrain.rundir import RunDir, atomic_write, read_json, write_json
 from retrain.evaluate.metrics import CATEGORIES
 
 __all__ = ["write_report", "decision_text", "worst_errors"]
@@ -466,9 +466,8 @@ def write_report(
     html_path, md_path = out / "report.html", out / "report.md"
     # Written via a temporary name so a UI link never serves a half-written report.
     for path, text in ((html_path, _html(*args)), (md_path, _markdown(*args))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        with atomic_write(path) as fh:
+            fh.write(text)
     return {"html": str(html_path), "md": str(md_path), "plots": [str(p) for p in plots.values()]}
 
 

@@ -158,11 +158,17 @@ def halving_schedule(total_steps: list[int], eta: int, first_budget_fraction: fl
             "saving": round(1 - halving / full, 4) if full else 0.0}
 
 
-def survivors(scores: dict[str, float | None], keep: int) -> list[str]:
-    """The ``keep`` best candidate names by validation score (a missing score ranks last; ties: plan order)."""
+def survivors(scores: dict[str, float | None], keep: int, losses: dict[str, float | None] | None = None) -> list[str]:
+    """The ``keep`` best candidate names by validation score (a missing score ranks last). Ties go to the lower
+    validation loss (``losses``), then to plan order."""
     order = list(scores)
-    ranked = sorted(order, key=lambda c: (-(scores[c] if scores[c] is not None else -math.inf), order.index(c)))
-    return ranked[:keep]
+    losses = losses or {}
+
+    def key(c: str) -> tuple:
+        score, loss = scores[c], losses.get(c)
+        return (-(score if score is not None else -math.inf), loss if loss is not None else math.inf, order.index(c))
+
+    return sorted(order, key=key)[:keep]
 
 
 def check_sweep_cost(estimates: dict[str, float], max_cost_usd: float) -> float:

@@ -50,6 +50,7 @@ from retrain.backup.archive import (
     DecryptingReader,
     EncryptingWriter,
     MemberTree,
+    hash_stream,
     safe_member,
     select_files,
     write_tar,
@@ -594,12 +595,8 @@ class CheckpointMirror:
 
 def _write_member(dest: Path, fobj) -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
     with open(dest, "xb") as out:
-        while block := fobj.read(1 << 20):
-            h.update(block)
-            out.write(block)
-    return h.hexdigest()
+        return hash_stream(fobj, out)
 
 
 def restore_before_start(mirror: CheckpointMirror) -> Path | None:
