@@ -548,6 +548,7 @@ def stack_examples(pg_url):
 
 
 @pytest.mark.stack
+@pytest.mark.slow  # trains a candidate through the real stack first (make test-all)
 def test_stack_run_waits_for_a_reviewer_holding_no_slot_and_records_the_reject(stack, api, stack_examples):
     import urllib.parse
 
