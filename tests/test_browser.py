@@ -372,10 +372,15 @@ def stack_rows(pg_url):
     from retrain import db
     from retrain.data.synthetic import seed_examples
 
+    from conftest import TABLES
+
+    # A clean slate: earlier tests of the session share this database, and rows they left behind (already past
+    # the watermark) would make this month's batch empty.
     with db.connection(pg_url) as conn:
         db.ensure_schema(conn)
-        if db.count_examples(conn, "product_intent") == 0:
-            seed_examples(conn, load_use_case("product_intent"), STACK_ROWS, seed=STACK_SEED, dirty=0.0)
+        with conn.cursor() as cur:
+            cur.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+        seed_examples(conn, load_use_case("product_intent"), STACK_ROWS, seed=STACK_SEED, dirty=0.0)
         conn.commit()
     return STACK_ROWS
 

@@ -33,6 +33,8 @@ PARAMS = {
     "training_overrides": {"eval_steps": 16, "save_steps": 16, "logging_steps": 16},
     "min_score": 0.05,
     "min_json_validity": 0.25,
+    # 32 steps on the CPU cannot reach the YAML's floors (0.85 / 0.95): loosening them needs a reason (issue 17).
+    "gate_override_reason": "32-step CPU test run: the floors are for real training",
 }
 MONTH_1_TASKS = ("prepare_run", "collect_examples", "build_dataset", "validate_dataset", "report_dataset",
                  "choose_backend", "train_qlora", "register_candidate", "evaluate_candidate", "decide",
