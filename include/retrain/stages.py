@@ -455,31 +455,29 @@ def decide(run_dir: str | Path) -> dict:
 @recorded("deploy_model", lambda r: {"status": "success"})
 def deploy_candidate(run_dir: str | Path, actor: str, review: dict | None = None) -> dict:
     """Deploy the candidate; after a review (``review``: the approval task's XCom) the approver is the actor."""
-    from retrain.approval import registry_entry
     from retrain.registry import deploy
 
-    uc, meta = load_run(run_dir)
-    version = RunDir(run_dir).registered_version()
-    decision = RunDir(run_dir).read_decision()
-    entry = registry_entry(review, actor=actor, summary=decision["summary"])
-    with db.connection() as conn:
-        out = _jsonable(deploy.deploy(conn, use_case=uc.name, version=version, run_id=meta["run_id"], **entry))
-    _record_review(run_dir, review, entry)
-    return out | ({"review": review} if review else {})
+    return _move_candidate(run_dir, actor, review, deploy.deploy)
 
 
 @recorded("reject_candidate", lambda r: {"status": "rejected" if r.get("review") else "no_go"})
 def reject_candidate(run_dir: str | Path, actor: str, review: dict | None = None) -> dict:
     """Reject the candidate (a NO-GO, or a reviewer's Reject: ``review`` is the approval task's XCom)."""
-    from retrain.approval import registry_entry
     from retrain.registry import store as registry
 
+    return _move_candidate(run_dir, actor, review, registry.reject)
+
+
+def _move_candidate(run_dir: str | Path, actor: str, review: dict | None, move) -> dict:
+    """Deploy or reject the run's registered candidate (``move``: deploy.deploy or registry.reject), with the
+    reviewer as actor and their comment as reason when a review exists."""
+    from retrain.approval import registry_entry
+
     uc, meta = load_run(run_dir)
-    version = RunDir(run_dir).registered_version()
-    decision = RunDir(run_dir).read_decision()
-    entry = registry_entry(review, actor=actor, summary=decision["summary"])
+    rd = RunDir(run_dir)
+    entry = registry_entry(review, actor=actor, summary=rd.read_decision()["summary"])
     with db.connection() as conn:
-        out = _jsonable(registry.reject(conn, use_case=uc.name, version=version, run_id=meta["run_id"], **entry))
+        out = _jsonable(move(conn, use_case=uc.name, version=rd.registered_version(), run_id=meta["run_id"], **entry))
     _record_review(run_dir, review, entry)
     return out | ({"review": review} if review else {})
 
