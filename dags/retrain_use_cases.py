@@ -22,9 +22,14 @@ One DAG per use-case file in `include/use_cases/*.yaml`. Every month (03:00 on t
    queue and pool, resumable; with `halving`, **halve_sweep** keeps the best ceil(n / eta) on validation and
    **continue_sweep** resumes them to the end), and **select_candidate** scores them on the validation split, writes
    the sweep report and passes the best on as the run's candidate (the others are registered as `not_selected`);
+   on the openai backend **plan_openai_sweep** gates the sum of the candidates' cost estimates on `max_cost_usd`,
+   **train_openai_sweep** maps the deferred fine-tuning job over them and **select_openai_candidate** picks as above;
 7. **register_candidate** records the candidate in the model registry (PostgreSQL);
 8. **evaluate_candidate** runs the candidate and the baseline (the production model, or the base model on a first
    run) on the same frozen test set;
+   beside the gate, **select_for_review** (active learning) answers this run's production rows with both models and
+   queues the hardest (low margin at the primary label, disagreement, schema failures) in `review_queue` with a Label
+   Studio import file; the deploy path never waits for it and its failure never fails the run;
 9. **decide** applies the go/no-go thresholds, writes `decision.json` and an HTML report, and branches:
    **deploy_model** (atomic switch of the production alias) or **reject_candidate**. A NO-GO is a successful run.
    With human approval (the YAML's `approval: required`, or the form's `approval`), a GO goes to
@@ -52,7 +57,7 @@ from airflow.sdk import chain, dag
 
 from retrain import approval
 from retrain.dagspec import text, use_case_specs
-from retrain.dagtasks import branch, dag_params, step, triggering_user
+from retrain.dagtasks import branch, dag_params, run_schedule, step, triggering_user
 from retrain.notify import default_notifiers
 from retrain.registry.runs import failure_recorder
 from retrain.settings import retry_delay_seconds
@@ -110,7 +115,8 @@ def build_dag(spec: dict):
             from retrain.stages import prepare_run
 
             skip_if_stale(dag_run)
-            return prepare_run(use_case, run_id, dict(params), triggered_by=triggering_user(dag_run))
+            return prepare_run(use_case, run_id, dict(params), triggered_by=triggering_user(dag_run),
+                               schedule=run_schedule(dag_run))
 
         @step
         def collect_examples(run: dict) -> dict:
@@ -144,7 +150,7 @@ def build_dag(spec: dict):
             if run["dry_run"] or not should_train(run["run_dir"]):
                 return []
             if sweeps and sweep_requested(run["run_dir"]):  # the sweep Param (off / on / n)
-                return ["plan_sweep"]
+                return ["plan_openai_sweep" if run["backend"] == "openai" else "plan_sweep"]
             return ["train_openai" if run["backend"] == "openai" else "train_qlora"]
 
         # Training holds the GPU: its own Celery queue and a pool sized to the number of GPUs.
@@ -235,6 +241,15 @@ def build_dag(spec: dict):
 
             return cleanup(run["run_dir"])
 
+        # Active learning beside the gate: never on the deploy path. Its body never raises (a failure is logged and
+        # shown as "REVIEW: failed" in the summary and the UI), and a timeout alerts without marking the run failed
+        # in pipeline_runs. cleanup waits for it: it reads batch.jsonl, which cleanup deletes.
+        @step(execution_timeout=timedelta(hours=3), on_failure_callback=default_notifiers())
+        def select_for_review(run: dict) -> dict:
+            from retrain.stages import select_for_review
+
+            return select_for_review(run["run_dir"])
+
         run = prepare_run()
         validated = validate_dataset(run)
         chain(run, collect_examples(run), build_dataset(run), validated)
@@ -249,19 +264,29 @@ def build_dag(spec: dict):
                 rung = sweep_step("continue_sweep", **gpu).expand(arg=sweep_step("halve_sweep")(rung))
             branches.append(planned)
             trained.append(sweep_step("select_candidate", execution_timeout=timedelta(hours=3))(rung))
+            # openai backend: the cost gate over the sum of the estimates, then one deferred job per candidate (its
+            # key is the candidate's run id: a retry re-attaches); max_cost_usd comes from the candidate's run config.
+            planned = sweep_step("plan_openai_sweep", execution_timeout=SHORT)(run["run_dir"])
+            jobs = OpenAIFineTuneOperator.partial(task_id="train_openai_sweep").expand(candidate=planned)
+            branches.append(planned)
+            trained.append(sweep_step("select_openai_candidate", execution_timeout=timedelta(hours=3))(jobs.output))
         validated >> choose_backend(run) >> branches
         registered = register_candidate()
         trained >> registered
         outcome = [deploy_model(), reject_candidate()]
         decided = decide(run)
-        chain(registered, evaluate_candidate(run), decided, outcome)
+        evaluated = evaluate_candidate(run)
+        chain(registered, evaluated, decided, outcome)
         decided >> approve_deployment >> outcome
         backup = backup_to_s3()
         outcome >> backup
-        chain(backup, verify_backup(run), prune_backups(run), cleanup(run))
+        cleaned = cleanup(run)
+        chain(backup, verify_backup(run), prune_backups(run), cleaned)
+        evaluated >> select_for_review(run) >> cleaned
 
     return retrain()
 
 
 for _spec in use_case_specs():
-    globals()[_spec["_dag_id"]] = build_dag(_spec)
+    if _spec.get("kind") != "generation":  # free-text use cases: dags/retrain_generation.py
+        globals()[_spec["_dag_id"]] = build_dag(_spec)

@@ -46,6 +46,8 @@ _use_case_schema = {"enum": _USE_CASES} if _USE_CASES else {}
     params={
         "use_case": Param(type="string", description="which use case's production model to roll back",
                           **_use_case_schema),
+        "tenant": Param(None, type=["null", "string"], maxLength=200,
+                        description="generation use cases (e.g. email_voice): the tenant whose adapter rolls back"),
         "to_version": Param(None, type=["null", "integer"], minimum=1,
                             description="registry version to restore; empty = the previous production version"),
         # minLength = retrain.registry.deploy.MIN_REASON_CHARS (a literal here: the DAG file imports nothing at parse time)
@@ -62,6 +64,11 @@ def rollback_model():
         from retrain.registry.deploy import run_rollback
 
         actor = getattr(dag_run, "triggering_user_name", None) or "airflow"
+        if params.get("tenant"):  # one tenant's adapter of a generation use case (retrain.registry.tenants)
+            from retrain.registry.tenants import run_rollback as run_tenant_rollback
+
+            return run_tenant_rollback(params["use_case"], params["tenant"], to_version=params.get("to_version"),
+                                       reason=params["reason"], actor=actor, run_id=run_id)
         return run_rollback(params["use_case"], to_version=params.get("to_version"), reason=params["reason"],
                             actor=actor, run_id=run_id)
 

@@ -129,6 +129,7 @@ def _reports(use_case: str, run_id: str | None, run_dir: str | None) -> dict[str
         "decision": _file_link(rd.decision),
         "sweep": _file_link(rd.sweep_report_md),
         "sweep plot": _file_link(rd.sweep_plot),
+        "review tasks": _file_link(rd.review_export),  # Label Studio import file (retrain.review)
     }
     return {k: v for k, v in links.items() if v}
 
@@ -187,6 +188,10 @@ def overview(use_case: str | None = None) -> dict:
                 data["registry"] = registry.recent_versions(conn, use_case, per_use_case=HISTORY_LIMIT)
             if has_runs:
                 data["runs"] = runs.latest_runs(conn, RUNS_LIMIT, use_case)
+            if data["runs"] and db.tables_exist(conn, "review_queue")[0]:
+                from retrain.review.queue import counts as review_counts
+
+                data["review_counts"] = review_counts(conn, [(r["use_case"], r["run_id"]) for r in data["runs"]])
     except Exception as exc:  # noqa: BLE001 - the page explains the problem instead of answering a bare 500
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         data["error"] = f"{first}" if "connect" in first else f"{type(exc).__name__}: {first}"
@@ -196,8 +201,12 @@ def overview(use_case: str | None = None) -> dict:
         r.update(runs.decision_fields(r.get("decision")) if isinstance(r.get("decision"), dict) else {})
         r["reports"] = _reports(r["use_case"], r.get("run_id"), None)
     _follow_airflow(data["runs"])
+    review_counts = data.pop("review_counts", {})
     for r in data["runs"]:
         r["reports"] = _reports(r["use_case"], r["run_id"], r.get("run_dir"))
+        from retrain.review.workflow import ui_line  # active learning: REVIEW: n queued, top reasons
+
+        r["review"] = ui_line(r.get("run_dir"), review_counts.get((r["use_case"], r["run_id"])))
         if r.get("status") == "awaiting_approval":  # a GO waiting for a reviewer (retrain.approval)
             from retrain.approval import ui_path
 
@@ -400,7 +409,8 @@ Check the <code>retrain_db</code> Airflow connection or <code>RETRAIN_DATABASE_U
       </table>{% else %}<span class="muted">–</span>{% endif %}</td>
   <td>{% if r.decision %}<span class="badge {{ decision_class(r.decision) }}">{{ r.decision }}</span>
       {% if r.model_version %} → v{{ r.model_version }}{% endif %}{% else %}<span class="muted">–</span>{% endif %}
-      {% if r.decision_reasons %}<ul class="reasons">{% for reason in r.decision_reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}</td>
+      {% if r.decision_reasons %}<ul class="reasons">{% for reason in r.decision_reasons %}<li>{{ reason }}</li>{% endfor %}</ul>{% endif %}
+      {% if r.review %}<div class="sub review">{{ r.review }}</div>{% endif %}</td>
   <td>{% if r.backup_id %}<code>{{ r.backup_id }}</code>{% else %}<span class="muted">–</span>{% endif %}</td>
   <td class="links">{% for name, href in r.reports.items() %}<a href="{{ href }}">{{ name }}</a>{% else %}<span class="muted">–</span>{% endfor %}</td>
  </tr>

@@ -195,7 +195,8 @@ def run_no_go_month(db_conn, dag, conf: dict, task_log) -> tuple[dict, dict]:
     task_log.clear()
     # "Next month" brings no new rows, which would stop the run before training (data.min_new_rows):
     # force_retrain exercises the gate against the production model instead.
-    run = dag.test(run_conf={"force_retrain": True, **conf})
+    # No logical date (the UI's plain "Trigger"): no data interval bounds what collect_examples takes.
+    run = dag.test(logical_date=None, run_conf={"force_retrain": True, **conf})
     out = task_log()
     st = states(run)
     assert st["reject_candidate"] == "success" and st["deploy_model"] == "skipped", out[-6000:]

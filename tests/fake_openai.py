@@ -12,7 +12,9 @@ Implements the parts of the API the platform uses:
 * ``POST /v1/chat/completions`` answering with a configurable function of the request. By default a
   fine-tuned model (``ft:...``, created by a job here) answers from what its job's training file taught it
   (see ``LearnedModel``) and any other model answers ``base_model_answer``: an untuned model that does not
-  know the task.
+  know the task. ``learned_share(hyperparameters) -> float`` makes a job's hyper-parameters matter: its model learns
+  only that share of the training file (0: nothing, it answers like the base model), e.g. to give the candidates of
+  a sweep different validation scores.
 
 Failure modes: a job can be made to fail with an OpenAI error object (``fail_jobs_with``), a training file
 that is not chat JSONL fails validation the way OpenAI does, and any route can answer 429/500 to its first N
@@ -162,6 +164,7 @@ class FakeOpenAI:
         base_model_answer: str = '{"answer": "unknown"}',
         chat_latency: float = 0.0,
         organization: str = "org-fake",
+        learned_share: Callable[[dict], float] | None = None,
     ):
         if progression not in ("polls", "time"):
             raise ValueError("progression must be 'polls' (each retrieve advances) or 'time' (seconds_per_state)")
@@ -177,6 +180,7 @@ class FakeOpenAI:
         self.base_model_answer = base_model_answer
         self.chat_latency = chat_latency
         self.organization = organization
+        self.learned_share = learned_share  # job hyperparameters -> share of the training file its model learns
         self.files: dict[str, dict] = {}
         self.jobs: dict[str, dict] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, route, status) of every request
@@ -434,7 +438,12 @@ class FakeOpenAI:
                        result_files=[f"file-result-{job['id'][-8:]}"], estimated_finish=None)
             # The "fine-tuned model" learns from the training file only, like OpenAI's (the validation file
             # only feeds the validation loss); chat_completions answers with it.
-            self.models[job["fine_tuned_model"]] = LearnedModel(self.files[job["training_file"]]["bytes"])
+            training = self.files[job["training_file"]]["bytes"]
+            if self.learned_share is not None:
+                lines = training.splitlines(keepends=True)
+                share = min(1.0, max(0.0, float(self.learned_share(dict(job["hyperparameters"])))))
+                training = b"".join(lines[: round(share * len(lines))])
+            self.models[job["fine_tuned_model"]] = LearnedModel(training)
             self._event(job, f"New fine-tuned model created: {job['fine_tuned_model']}")
             self._event(job, "The job has successfully completed")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +26,66 @@ STACK_ENV = {
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
     "RETRAIN_RETRY_DELAY_SECONDS": "1",
 }
+
+
+# The fake OpenAI's untuned base model: valid JSON in the right shape, the same guess for every query (as in
+# tests/test_openai_dag.py), so an evaluation of the fine-tuned model against it means something.
+OPENAI_BASE_ANSWER = json.dumps({"intent_type": "PERSONAL_USE", "budget_tier": "unspecified",
+                                 "category": "unspecified", "recipient": "self", "context_tags": ["personal"],
+                                 "priority_features": ["good_reviews"]})
+
+
+class AlertReceiver:
+    """A local alert webhook (what Slack or an on-call tool is in production): a stdlib HTTP server on 127.0.0.1
+    that keeps every POST's JSON body with the time it arrived. Its URL carries a secret path, as real webhook URLs
+    do, so a test can check that the path never ends up in what the platform logs or sends."""
+
+    def __init__(self):
+        import secrets
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received: list[dict] = []
+        self.path = f"/hooks/{secrets.token_urlsafe(12)}"
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    payload = json.loads(body)
+                except ValueError:
+                    payload = {"unparsed": body.decode(errors="replace")}
+                receiver.received.append({"at": time.time(), "path": self.path, "payload": payload,
+                                          "user_agent": self.headers.get("User-Agent")})
+                self.send_response(200 if self.path == receiver.path else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}{self.path}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="alert-receiver", daemon=True)
+        self._thread.start()
+
+    def env(self) -> dict[str, str]:
+        """The stack's alert configuration: the `retrain_alert_webhook` connection (retrain.notify)."""
+        return {"AIRFLOW_CONN_RETRAIN_ALERT_WEBHOOK": json.dumps({"conn_type": "http", "host": self.url})}
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def openai_env(fake) -> dict[str, str]:
+    """The stack's OpenAI configuration pointed at tests/fake_openai.py: the `openai_default` connection (key and
+    base_url, what production uses), polled every second."""
+    return {"AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps({"conn_type": "generic", "password": fake.api_key,
+                                                       "extra": {"base_url": fake.base_url}}),
+            "RETRAIN_OPENAI_POLL_SECONDS": "1"}
 
 
 class ApiError(RuntimeError):
@@ -51,7 +112,7 @@ class Api:
             req = urllib.request.Request(
                 f"{self.base}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
                 headers={"Authorization": f"Bearer {self._token or self.token()}", "Content-Type": "application/json",
-                         "Accept": "text/plain" if raw else "application/json"})
+                         "Accept": "application/x-ndjson" if raw else "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     data = resp.read()
@@ -88,6 +149,7 @@ class Api:
         return data["task_instances"]
 
     def task_log(self, run_id: str, task_id: str, try_number: int, dag_id: str = DAG_ID) -> str:
+        """One try's log as Airflow 3 serves it: one JSON event per line (text/plain is refused with 406)."""
         return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
                                    f"/taskInstances/{task_id}/logs/{try_number}?full_content=true", raw=True)
 
@@ -130,29 +192,48 @@ class Api:
             time.sleep(1)
 
 
+_RUNNING: list = []  # the session's stack, once started
+
+
 @pytest.fixture(scope="session")
 def stack(pg_url):
-    """The docker-compose.yaml process list, natively, on the session's examples database."""
+    """The docker-compose.yaml process list, natively, on the session's examples database. Started first, their
+    URLs in the stack's environment: ``stack.alert_receiver`` gets the failure alerts, ``stack.fake_openai``
+    (tests/fake_openai.py in a thread; its knobs can be turned while it runs) stands in for OpenAI."""
+    if _RUNNING:  # pytest makes one session fixture per module that imports it: they all share the first stack
+        yield _RUNNING[0]
+        return
     import signal
 
+    from fake_openai import FakeOpenAI
     from retrain.cli.stack import Stack, StackError
 
     def interrupt(signum, frame):  # `timeout pytest ...` / CI cancelling: tear the stack down, leave no orphans
         raise KeyboardInterrupt
 
+    alert_receiver = AlertReceiver()
+    fake_openai = FakeOpenAI(polls_per_state=1, base_model_answer=OPENAI_BASE_ANSWER)
+    _, stop_openai = fake_openai.start()
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        s = Stack(extra_env=STACK_ENV, out=sys.stderr)
+        s = Stack(extra_env={**STACK_ENV, **alert_receiver.env(), **openai_env(fake_openai)}, out=sys.stderr)
+        s.alert_receiver, s.fake_openai = alert_receiver, fake_openai
         s.start(timeout=300)
     except (StackError, FileNotFoundError) as exc:
         signal.signal(signal.SIGTERM, previous)
+        alert_receiver.stop()
+        stop_openai()
         if "redis-server" in str(exc) or "moto_server" in str(exc):
             pytest.skip(f"a stack binary is not installed: {exc}")
         raise
+    _RUNNING.append(s)
     try:
         yield s
     finally:
+        _RUNNING.clear()
         s.stop()
+        alert_receiver.stop()
+        stop_openai()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -561,6 +561,8 @@ def test_stack_run_waits_for_a_reviewer_holding_no_slot_and_records_the_reject(s
     run_id = api.trigger(conf)["dag_run_id"]
     quoted = urllib.parse.quote(run_id, safe="")
     api.wait_task(run_id, "approve_deployment", {"awaiting_input"}, timeout=2400)  # 2 steps took 15 min on a busy host
+    # select_for_review (active learning) runs beside decide and may still hold a slot: let it finish first.
+    api.wait_task(run_id, "select_for_review", {"success", "failed"}, timeout=1800)
     # Parked: no worker slot taken, nothing downstream started, the request is decide's.
     pool = api.get("/api/v2/pools/default_pool")
     assert pool["running_slots"] == 0 and pool["queued_slots"] == 0, pool

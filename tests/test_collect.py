@@ -158,7 +158,7 @@ def test_batch_lines_keep_their_fields_and_add_updated_at(db_conn, tmp_path):
     insert(db_conn, [("gift for mum", {"intent_type": "GIFT"}, None, "accepted")])
     collect_examples(db_conn, "product_intent", "r", tmp_path / "b.jsonl")
     (row,) = read(tmp_path / "b.jsonl")
-    assert list(row) == ["source_id", "input", "label_raw", "feedback", "split", "updated_at"]
+    assert list(row) == ["source_id", "input", "label_raw", "feedback", "split", "updated_at", "tenant"]
     assert row["updated_at"].endswith("Z") and dt.fromisoformat(row["updated_at"]).tzinfo is not None
 
 

@@ -20,10 +20,10 @@ BASE = load_use_case("product_intent").model_dump(mode="json")
 
 
 def test_the_three_use_cases_load():
-    assert list_use_cases() == ["email_intel", "hr_leave", "product_intent"]
+    assert list_use_cases() == ["email_intel", "email_voice", "hr_leave", "product_intent"]
     for name in list_use_cases():
         uc = load_use_case(name)
-        assert uc.name == name and uc.fields.labels
+        assert uc.name == name and (uc.fields.labels if uc.kind == "structured" else uc.tenants)
         assert uc.extract_input(uc.render_input("texto {con} llaves")) == "texto {con} llaves"
     assert load_use_case("email_intel").allowed_labels["urgency"] == ["low", "medium", "high"]
     assert load_use_case("hr_leave").primary_label == "eligible"
@@ -71,7 +71,7 @@ def test_file_name_must_match_and_yaml_errors_are_clear(tmp_path):
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_use_case_file(tmp_path / "broken.yaml")
-    with pytest.raises(ConfigError, match="known use cases: email_intel, hr_leave, product_intent"):
+    with pytest.raises(ConfigError, match="known use cases: email_intel, email_voice, hr_leave, product_intent"):
         load_use_case("nope")
 
 

@@ -211,7 +211,8 @@ def test_rollback_dag_shape_and_params(dagbag):
     assert dag.schedule is None and "rollback" in dag.tags and "Roll back a use case" in dag.doc_md
     assert [t.task_id for t in dag.tasks] == ["rollback"] and dag.tasks[0].retries >= 1
     params = dag.params
-    assert params.get_param("use_case").schema["enum"] == ["email_intel", "hr_leave", "product_intent"]
+    assert params.get_param("use_case").schema["enum"] == ["email_intel", "email_voice", "hr_leave", "product_intent"]
+    assert params["tenant"] is None  # generation use cases roll back one tenant's adapter
     for key, bad in (("use_case", "nope"), ("reason", "oops"), ("to_version", 0), ("to_version", "two")):
         with pytest.raises(ParamValidationError):
             params.get_param(key).resolve(bad)

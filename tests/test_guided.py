@@ -170,6 +170,33 @@ def test_guard_steers_greedy_decoding_to_a_valid_answer_and_leaves_valid_choices
     assert guard.masked == 4
 
 
+def test_from_first_token_the_answer_opens_with_the_object_not_prose_or_end_of_sequence():
+    """The evaluation engine's mode: an untuned model that would open with prose ("Sure thing") or stop at once
+    (end of sequence ranked first, '{' ranked last) answers with the object from its first token."""
+    import torch
+
+    model = ScriptedModel()
+    vocab, eos = model.VOCAB, model.ids["<eos>"]
+    guard = schema_guard_class()(PI, vocab.__getitem__, 2, 1, [eos], from_first_token=True)
+    guided, ids = [], [7, 7]
+    for _ in range(60):
+        scores = model.scores(guided)
+        if not guided:  # the end of sequence first, the object's opening brace last of all
+            scores = torch.arange(len(vocab), 0, -1, dtype=torch.float)
+            scores[eos], scores[model.ids["{"]] = 100.0, -100.0
+        ids.append(int(guard(torch.tensor([ids]), scores.unsqueeze(0))[0].argmax()))
+        guided.append(vocab[ids[-1]])
+        if guided[-1] == "}":
+            break
+    text = "".join(guided)
+    assert text.startswith("{") and guided[0] == "{"
+    jsonschema.validate(json.loads(text), PI)
+    # The default (what the guard class does without the flag) leaves text before the object to the model.
+    free = schema_guard_class()(PI, vocab.__getitem__, 2, 1, [eos])
+    first = vocab[int(free(torch.tensor([[7, 7]]), model.scores([]).unsqueeze(0))[0].argmax())]
+    assert first == "Sure"
+
+
 # --- the engine, real SmolLM2 -----------------------------------------------------------------------------
 
 JSON_PROMPT = ("Reply with only a JSON object with keys intent_type (GIFT, PERSONAL_USE, BUSINESS, COMPARISON or "
@@ -528,3 +555,65 @@ def test_real_smollm2_under_random_enum_schemas_writes_only_schema_valid_answers
             elif "{" in text:  # inside the object only the budget ends an answer
                 assert len(ids) == 48 and not set(ids) & set(engine.eos_ids), text
         assert closed, "no answer closed"
+
+
+# --- property: an adversarial model that tries escapes first still spells every label exactly ------------------
+# The issue's failures: JSON-valid answers off a 77-label enum of snake_case labels sharing prefixes, written with
+# escapes ("supported_card\\u03c2_american_express", "card_n\\u03c2_card", "disposable_card_l\\u00221"). This
+# "model" ranks escapes, quotes and non-ASCII tokens above everything else at every step (random order among
+# them), the rest at random: the guide must still produce the enum value spelled as is, every time.
+SNAKE = ["card", "cards", "card_not", "card_n", "supported", "supported_card", "disposable", "disposable_card",
+         "l", "limit", "limits", "virtual", "cash", "top_up", "american", "express", "working", "fee", "charged"]
+ISSUE_LABELS = ["supported_cards_and_currencies", "card_not_working", "disposable_card_limits"]
+ADVERSARIAL = ["\\u03c2", "\\u0022", "\\u00221", "\\u00", "\\u", "\\", "\\\\", '\\"', '"', "\\n",
+               "\\/", "\\u0063", "ς", "é", "\U0001F600", "\\ud83d", "\\ud83d\\ude00", "_\\u03c2", "ç_", '"x']
+ADV_VOCAB = VOCAB + [t for t in ADVERSARIAL if t not in VOCAB]
+ADV_IDS = [ADV_VOCAB.index(t) for t in ADVERSARIAL]
+ADV_EOS = ADV_VOCAB.index("<eos>")
+
+
+def snake_labels(rng, n: int = 77) -> list[str]:
+    labels = set(ISSUE_LABELS)
+    while len(labels) < n:
+        labels.add("_".join(rng.choice(SNAKE) for _ in range(rng.randint(1, 4))))
+    return sorted(labels)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**31), st.integers(0, 2**31))
+def test_property_a_model_that_prefers_escapes_still_writes_every_label_exactly(label_seed, seed):
+    import random
+
+    import torch
+
+    from retrain.evaluate.inference import JsonScanner
+
+    rng = random.Random(label_seed)
+    labels = snake_labels(rng)
+    schema = {"type": "object", "additionalProperties": False, "required": ["label", "more"],
+              "properties": {"label": {"type": "string", "enum": labels},
+                             "more": {"type": "array", "maxItems": 3, "uniqueItems": True,
+                                      "items": {"type": "string", "enum": rng.sample(labels, 10)}}}}
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        guard = schema_guard_class()(schema, ADV_VOCAB.__getitem__, 1, 1, [ADV_EOS], from_first_token=True)
+        scanner, ids, text = JsonScanner(), [ADV_EOS], ""
+        for _ in range(600):
+            scores = torch.randn((1, len(ADV_VOCAB)), generator=gen)
+            scores[0, ADV_IDS] += 10.0 + torch.rand(len(ADV_IDS), generator=gen)  # always tried first
+            token = int(guard(torch.tensor([ids]), scores)[0].argmax())
+            assert token != ADV_EOS, text
+            ids.append(token)
+            text += ADV_VOCAB[token]
+            end = scanner.feed(ADV_VOCAB[token])
+            if end >= 0:  # the engine's stop rule: the answer ends where the object closes ('},' -> '}')
+                text = text[:len(text) - len(ADV_VOCAB[token]) + end]
+                break
+        assert guard.cursors[0] is not None, f"left unguided: {text!r}"
+        assert text.startswith("{") and text.endswith("}"), text
+        answer_json = json.loads(text)
+        jsonschema.validate(answer_json, schema)
+        # Spelled exactly: ASCII labels are written as is, no escape anywhere in the answer.
+        assert "\\" not in text, text
+        assert f'"{answer_json["label"]}"' in text
+        assert guard.masked > 0  # the model's escapes were overruled

@@ -315,8 +315,27 @@ def test_predict_guides_local_models_by_the_output_schema_unless_the_use_case_sa
     guided, _ = predict({"kind": "hf", "path": tiny_model_dir}, convs, uc, max_new_tokens=6)
     unguided, _ = predict({"kind": "hf", "path": tiny_model_dir}, convs, raw, max_new_tokens=6)
     assert seen == [uc.output_schema, None]
-    # The random tiny model never opens a JSON object: the guide leaves prose alone.
-    assert [r["text"] for r in guided] == [r["text"] for r in unguided]
+    # The random tiny model never opens a JSON object by itself; guided, every answer opens with it from the first
+    # token (as a serving stack's JSON-schema output does) and stays on the schema's path.
+    assert not any(r["text"].lstrip().startswith("{") for r in unguided)
+    assert all(r["text"].startswith('{"') for r in guided), [r["text"] for r in guided]
+    from retrain.evaluate.guided import SchemaCursor
+
+    assert all(SchemaCursor(uc.output_schema).feed(r["text"]) for r in guided)
+
+
+def test_the_prompted_base_model_answers_with_the_object_from_its_first_token(tiny_model_dir):
+    """The prompted baseline's path (retrain.evaluate.baseline): base model, baseline prompt, guided decoding: the
+    first generated token opens the JSON object, and no answer ends before it (end of sequence is refused there)."""
+    from retrain.evaluate import baseline as baselines
+
+    uc = load_use_case("product_intent")
+    inputs = [c[1]["content"] for c in conversations("product_intent", 4)]
+    convs = baselines.conversations(uc, inputs, baselines.baseline_prompt(uc))
+    assert convs[0][0]["content"] == baselines.baseline_prompt(uc)
+    spec = baselines.prompted_base_spec(uc) | {"path": tiny_model_dir}
+    results, _ = predict(spec, convs, uc, max_new_tokens=12)
+    assert all(r["text"].startswith("{") and r["tokens"] == 12 for r in results), [r["text"] for r in results]
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def test_openai_backend_runs_end_to_end_through_the_deferral(db_conn, dagbag, fa
     dag = dagbag.dags["retrain_product_intent"]
     task_log.clear()
 
-    run = dag.test(run_conf={"backend": "openai"})
+    run = dag.test(logical_date=None, run_conf={"backend": "openai"})  # no logical date: no data interval
     out = task_log()
     st = states(run)
     assert {t: st[t] for t in ALL_TASKS} == dict.fromkeys(ALL_TASKS, "success"), out[-5000:]
@@ -144,7 +144,7 @@ def test_cost_gate_refuses_an_oversized_run_before_anything_is_uploaded(db_conn,
     seed_examples(db_conn, UC, 300, seed=SEED + 2, dirty=0.0)
     dag = dagbag.dags["retrain_product_intent"]
     task_log.clear()
-    run = dag.test(run_conf={"backend": "openai", "max_cost_usd": 0.0001})
+    run = dag.test(logical_date=None, run_conf={"backend": "openai", "max_cost_usd": 0.0001})
     out = task_log()
     st = states(run)
     assert st["validate_dataset"] == "success" and st["train_openai"] == "failed", out[-5000:]
@@ -206,3 +206,119 @@ def test_killing_the_deferred_task_of_the_real_dag_cancels_the_job(dagbag, fake,
     asyncio.run(run_then_cancel(restarted, 2, None))
     assert fake.jobs[restarted.job_id]["status"] == "validating_files"
     assert fake.count("POST", "/v1/fine_tuning/jobs/{id}/cancel") == 1
+
+
+# --- sweeps on the openai backend: one fine-tuning job per candidate, the same cost gate and selection -----------
+
+# c1 trains 1 epoch, c2 2 epochs, both at learning-rate multiplier 2.0 (grid order: epochs first).
+OPENAI_SWEEP = {"space": {"epochs": [1, 2], "openai_learning_rate_multiplier": [2.0]}, "max_candidates": 2}
+
+
+# The sweep tests trigger like the UI's plain "Trigger" (no logical date, so no data interval bounding collection:
+# the rows seeded just now are collected).
+@pytest.fixture
+def openai_sweep_dag(tmp_path, monkeypatch, airflow_db):
+    """The DAG file read from a use-case directory whose product_intent.yaml has a sweep: section. A fixture, so that
+    it is parsed before task_log hooks into the logging that parsing configures (list it before task_log)."""
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    data = yaml.safe_load((REPO / "include" / "use_cases" / "product_intent.yaml").read_text())
+    data["sweep"] = OPENAI_SWEEP
+    directory = tmp_path / "use_cases"
+    directory.mkdir()
+    (directory / "product_intent.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("RETRAIN_USE_CASES_DIR", str(directory))
+    return DagBag(str(REPO / "dags" / "retrain_use_cases.py")).dags["retrain_product_intent"]
+
+
+def test_openai_sweep_runs_one_job_per_candidate_and_selects_on_validation(db_conn, openai_sweep_dag, fake,
+                                                                         task_log):
+    from conftest import registry_rows, states
+
+    # The hyper-parameters matter: a 1-epoch job's model learns nothing (answers like the base model), so the
+    # candidate planned FIRST is the worse one and a selection by plan order or by anything but validation fails.
+    fake.learned_share = lambda hp: 0.0 if hp["n_epochs"] == 1 else 1.0
+    # The first poll of a job is refused (not a transient error): its task fails, retries, and must re-attach to
+    # the job it created instead of creating a second one.
+    fake.fail_first("GET /v1/fine_tuning/jobs/{id}", 1, 401)
+    dag = openai_sweep_dag
+    seed_examples(db_conn, UC, ROWS, seed=SEED + 5, dirty=0.0)
+    task_log.clear()
+    run = dag.test(logical_date=None, run_conf={"backend": "openai", "sweep": "on"})
+    out = task_log()
+    st = states(run)
+    for task in ("plan_openai_sweep", "train_openai_sweep", "select_openai_candidate", "register_candidate",
+                 "evaluate_candidate", "decide"):
+        assert st[task] == "success", (task, out[-6000:])
+    assert {st[t] for t in ("train_qlora", "train_openai", "plan_sweep", "train_sweep", "select_candidate")} == \
+        {"skipped"}
+    tis = [ti for ti in run.get_task_instances() if ti.task_id == "train_openai_sweep"]
+    assert sorted(ti.map_index for ti in tis) == [0, 1]
+    assert sorted(ti.try_number for ti in tis) == [1, 2]  # one candidate's task was retried ...
+
+    # ... and still exactly one job per candidate, keyed by the candidate's run id, with its hyper-parameters.
+    assert fake.count("POST", "/v1/fine_tuning/jobs") == 2 and len(fake.jobs) == 2
+    jobs = {j["metadata"]["retrain_run_id"]: j for j in fake.jobs.values()}
+    assert set(jobs) == {f"{run.run_id}#sweep-c1", f"{run.run_id}#sweep-c2"}
+    assert jobs[f"{run.run_id}#sweep-c1"]["hyperparameters"] == {"n_epochs": 1, "batch_size": 8,
+                                                                  "learning_rate_multiplier": 2.0}
+    assert jobs[f"{run.run_id}#sweep-c2"]["hyperparameters"]["n_epochs"] == 2
+    assert "re-attaching to fine-tuning job" in out
+    winner_model = jobs[f"{run.run_id}#sweep-c2"]["fine_tuned_model"]
+    loser_model = jobs[f"{run.run_id}#sweep-c1"]["fine_tuned_model"]
+
+    # Selected on the validation split (chat completions by both candidates' models), the report written.
+    rd = RunDir.for_run("product_intent", run.run_id)
+    report = json.loads(rd.sweep_report_json.read_text())
+    scores = {r["name"]: r["primary_score"] for r in report["candidates"]}
+    assert report["winner"] == "c2" and scores["c2"] > scores["c1"], scores
+    assert report["optimizer_steps"] is None and "One OpenAI fine-tuning job per candidate" in \
+        rd.sweep_report_md.read_text()
+    result = rd.read_train_result()
+    assert (result["backend"], result["model_id"], result["sweep_candidate"]) == ("openai", winner_model, "c2")
+
+    # The winner is the run's candidate; the other is registered not_selected with its validation score.
+    rows = {r["run_id"]: r for r in registry_rows(db_conn)}
+    assert rows[run.run_id]["artifact"] == winner_model and rows[run.run_id]["status"] in ("production", "rejected")
+    loser = rows[f"{run.run_id}#sweep-c1"]
+    assert (loser["status"], loser["backend"], loser["artifact"]) == ("not_selected", "openai", loser_model)
+    assert loser["metrics"]["validation"]["primary_score"] == scores["c1"]
+    models = json.loads((rd.evaluation / "models.json").read_text())
+    assert models["candidate"]["model"] == winner_model
+
+
+def test_openai_sweep_cost_gate_is_the_sum_and_runs_before_any_upload(db_conn, openai_sweep_dag, fake, task_log):
+    import re
+
+    from conftest import states
+
+    dag = openai_sweep_dag
+    seed_examples(db_conn, UC, 300, seed=SEED + 6, dirty=0.0)
+    # Price the data first (the format check writes the one-epoch estimate), then set the limit between the most
+    # expensive candidate (2 epochs) and the sum (1 + 2 epochs): each job alone would fit, the sweep does not.
+    task_log.clear()
+    run = dag.test(logical_date=None, run_conf={"backend": "openai", "sweep": "on", "max_cost_usd": 0.0001})
+    out = task_log()
+    assert states(run)["plan_openai_sweep"] == "failed", out[-5000:]
+    match = re.search(r"the estimated costs sum to \$([0-9.]+), over the limit max_cost_usd=\$0\.0001 "
+                      r"\(c1 \$([0-9.]+), c2 \$([0-9.]+)\)", out)
+    assert match, out[-5000:]
+    total, c1, c2 = map(float, match.groups())
+    assert c2 == pytest.approx(2 * c1, abs=2e-4) and total == pytest.approx(c1 + c2, abs=2e-4) and c1 > 0
+
+    limit = round((c2 + total) / 2, 4)
+    task_log.clear()
+    run = dag.test(logical_date=None, run_conf={"backend": "openai", "sweep": "on", "max_cost_usd": limit,
+                                                "force_retrain": True})
+    out = task_log()
+    st = states(run)
+    assert st["plan_openai_sweep"] == "failed", out[-5000:]
+    assert {st[t] for t in ("train_openai_sweep", "select_openai_candidate", "register_candidate")} == \
+        {"upstream_failed"}
+    shown = f"{limit:.2f}" if limit >= 1 else f"{limit:.4f}"
+    assert f"the estimated costs sum to ${total:.4f}, over the limit max_cost_usd=${shown}" in out
+    assert "Raise max_cost_usd, or sweep fewer candidates" in out
+    # Refused before anything left the machine or cost anything: no file, no job.
+    assert fake.files == {} and fake.jobs == {} and fake.count("POST", "/v1/files") == 0
+    assert not (RunDir.for_run("product_intent", run.run_id).sweep / "c1").exists()

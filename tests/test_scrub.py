@@ -181,7 +181,8 @@ def test_formatter_scrubs_decoded_values_whatever_the_escapes(label, text):
     jsonb_text = json.dumps(label, ensure_ascii=False)  # PostgreSQL's jsonb text form
     out, n, _, _ = format_chunk([(1, text, jsonb_text, None, "accepted", "2026-10-01T00:00:00.000000Z")], 0, 0)
     row = json.loads(out)  # the line is valid JSON
-    assert n == 1 and set(row) == {"source_id", "input", "label_raw", "feedback", "split", "updated_at"}
+    assert n == 1 and set(row) == {"source_id", "input", "label_raw", "feedback", "split", "updated_at",
+                                   "tenant"}
     assert find_pii_in_value(row["input"]) == [] and find_pii_in_value(row["label_raw"]) == []
     dumped = json.dumps(row, ensure_ascii=False)
     for sample in PII_SAMPLES:  # every planted value is gone, whatever escape sat next to it

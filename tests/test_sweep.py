@@ -236,6 +236,11 @@ def test_the_graph_gains_sweep_tasks_only_with_a_sweep_section(tmp_path, monkeyp
     assert not {"halve_sweep", "continue_sweep"} & set(plain.task_ids)
     assert plain.get_task("select_candidate").downstream_task_ids == {"register_candidate"}
     assert plain.get_task("train_sweep").pool == "gpu" and plain.get_task("train_sweep").queue == "gpu"
+    # The openai backend's branch: the cost gate, the deferred fine-tuning operator mapped over the candidates.
+    assert {"plan_openai_sweep", "train_openai_sweep", "select_openai_candidate"} <= set(plain.task_ids)
+    assert type(plain.get_task("train_openai_sweep")).__name__ == "MappedOperator"
+    assert plain.get_task("plan_openai_sweep").downstream_task_ids == {"train_openai_sweep"}
+    assert plain.get_task("select_openai_candidate").downstream_task_ids == {"register_candidate"}
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.delenv("RETRAIN_USE_CASES_DIR")
@@ -254,11 +259,14 @@ def test_dag_maps_training_over_three_candidates_halves_and_registers_the_losers
     sweep_dag = sweep_bag(tmp_path / "use_cases", monkeypatch, tiny_model, {
         "space": LRS, "max_candidates": 3, "halving": {"eta": 3, "first_budget_fraction": 0.5}})
     seed_examples(db_conn, UC, 200, seed=3, dirty=0.0)
-    run = sweep_dag.test(run_conf={"sweep": "on", "min_score": 0.0, "min_json_validity": 0.0,
-                                   "min_relative_improvement": -1.0, "gate_override_reason": "sweep smoke test"})
+    # No logical date (the UI's plain "Trigger"): no data interval bounds collection, the rows seeded now count.
+    run = sweep_dag.test(logical_date=None, run_conf={
+        "sweep": "on", "min_score": 0.0, "min_json_validity": 0.0, "min_relative_improvement": -1.0,
+        "gate_override_reason": "sweep smoke test"})
     out = task_log()
     st = states(run)
     assert st["train_qlora"] == "skipped" and st["train_openai"] == "skipped", out[-4000:]
+    assert st["plan_openai_sweep"] == st["select_openai_candidate"] == "skipped"
     for task in ("plan_sweep", "train_sweep", "halve_sweep", "continue_sweep", "select_candidate",
                  "register_candidate", "evaluate_candidate", "decide"):
         assert st[task] == "success", (task, out[-6000:])

@@ -269,7 +269,7 @@ def test_bad_arguments_say_what_to_do():
     with pytest.raises(ValueError, match="fraction between 0 and 1"):
         list(generate_rows(uc, 10, dirty=1.5))
     other = parse_use_case({**uc.model_dump(), "name": "invoice_triage"})
-    with pytest.raises(ValueError, match="no synthetic traffic generator.*supported: email_intel, hr_leave"):
+    with pytest.raises(ValueError, match="no synthetic traffic generator.*supported: email_intel, email_voice, hr_leave"):
         list(generate_rows(other, 10))
 
 
@@ -335,7 +335,7 @@ def test_package_keeps_the_public_api():
     """retrain.data.synthetic is a package (one module per use case + pii); callers import from the package."""
     import retrain.data.synthetic as synthetic
 
-    assert synthetic.supported_use_cases() == ["email_intel", "hr_leave", "product_intent"]
+    assert synthetic.supported_use_cases() == ["email_intel", "email_voice", "hr_leave", "product_intent"]
     for name in synthetic.__all__:
         assert hasattr(synthetic, name), name
     from retrain.data.synthetic.hr_leave import hr_decision as direct

@@ -87,6 +87,13 @@ def skip_if_stale(dag_run: Any) -> None:
                                    "then); skipped: trigger the DAG to retrain now")
 
 
+def run_schedule(dag_run: Any) -> dict[str, Any]:
+    """The run's type, logical date and data interval (None for a manual run triggered without a logical date), for
+    retrain.stages.prepare_run: a data_interval_end bounds what the run collects."""
+    return {key: getattr(dag_run, key, None)
+            for key in ("run_type", "logical_date", "data_interval_start", "data_interval_end")}
+
+
 def triggering_user(dag_run: Any) -> str:
     """Who triggered the run (Airflow 3's ``dag_run.triggering_user_name``; None for scheduled runs)."""
     name = getattr(dag_run, "triggering_user_name", None)

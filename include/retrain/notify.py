@@ -107,7 +107,16 @@ def alert_payload(context: dict) -> dict:
         "error_type": type(exc).__name__ if isinstance(exc, BaseException) else None,
         "log_url": _log_url(ti, dag_id, run_id, task_id, try_number),
         "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # Which process sent it: the worker that ran the last try (or the DAG processor for a task killed from
+        # outside). An operator looking for the log on a cluster needs the machine.
+        "sent_by": _sender(),
     }
+
+
+def _sender() -> str:
+    from retrain.settings import worker_hostname
+
+    return worker_hostname()
 
 
 def alert_title(p: dict) -> str:
@@ -126,6 +135,7 @@ def alert_text(p: dict) -> str:
             f"Run: {p['run_id']}",
             f"Error: {p['error']}",
             f"Log: {p['log_url']}",
+            *([f"Sent by: {p['sent_by']}"] if p.get("sent_by") else []),
         ]
     )
 

@@ -79,6 +79,16 @@ def run_dir_name(run_id: str) -> str:
     return _SAFE.sub("_", run_id)
 
 
+def tenant_dir_name(tenant: str) -> str:
+    """A tenant (a user id from production data: anything) as one safe path component. A safe name is kept as it
+    is; a name that had to change ('a/b', '..', 'josé') gets a short hash of the original, so 'a/b' and 'a_b'
+    never share a directory and nothing escapes ``tenants/``."""
+    safe = _SAFE.sub("_", tenant)[:64]
+    if not safe or safe != tenant or safe.startswith("."):
+        safe = f"{safe.lstrip('.')[:48] or 'tenant'}-{hashlib.sha256(tenant.encode('utf-8')).hexdigest()[:10]}"
+    return safe
+
+
 # --- the run directory ----------------------------------------------------------------------------------------
 
 
@@ -165,7 +175,22 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.candidate / "checkpoints"
+        """Resumable training state: in the run directory, or on this worker's own disk when
+        RETRAIN_CHECKPOINT_SCRATCH is set (then the S3 mirror is what a retry on another worker resumes from)."""
+        return self.checkpoints_under(settings.checkpoint_scratch())
+
+    def checkpoints_under(self, scratch: Path | None) -> Path:
+        """The checkpoints directory in the run directory (``scratch`` None) or under a worker's scratch directory:
+        ``<scratch>/<use case>/<run>/checkpoints`` (the run directory's path below the runs directory; a run
+        directory elsewhere gets its name plus a hash of its path)."""
+        if scratch is None:
+            return self.candidate / "checkpoints"
+        path = self.path.resolve()
+        try:
+            key = path.relative_to(settings.runs_dir().resolve())
+        except ValueError:
+            key = Path(f"{_SAFE.sub('_', path.name)}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}")
+        return scratch / key / "checkpoints"
 
     @property
     def train_result(self) -> Path:
@@ -265,6 +290,71 @@ class RunDir:
     @property
     def sweep_plot(self) -> Path:
         return self.sweep / "report.png"
+
+    # --- active learning (retrain.review): the run's hard examples for human review ---------------------------
+    REVIEW = "review"
+    REVIEW_EXPORT = "label_studio_tasks.json"
+    REVIEW_LABELING_CONFIG = "label_studio_config.xml"
+
+    @property
+    def review(self) -> Path:
+        return self.path / self.REVIEW
+
+    @property
+    def review_summary(self) -> Path:
+        """What select_for_review found: counts per reason, queued rows, status (the run summary and the UI)."""
+        return self.review / "summary.json"
+
+    @property
+    def review_export(self) -> Path:
+        """The Label Studio import file (tasks with data and predictions) of the run's queued examples."""
+        return self.review / self.REVIEW_EXPORT
+
+    @property
+    def review_labeling_config(self) -> Path:
+        """The Label Studio labeling config (XML) that the export's tasks and `retrain review import` expect."""
+        return self.review / self.REVIEW_LABELING_CONFIG
+
+    # --- generation use cases (retrain.data.dataset_text): one sub-run directory per tenant ------------------
+    TENANTS = "tenants"
+    TENANTS_MANIFEST = "tenants.json"
+
+    @property
+    def tenants_dir(self) -> Path:
+        return self.path / self.TENANTS
+
+    def tenant(self, name: str) -> RunDir:
+        """A tenant's sub-run directory, laid out like a sweep candidate (run_config.json, splits, manifest.json)."""
+        return RunDir(self.tenants_dir / tenant_dir_name(name))
+
+    @property
+    def tenants_manifest(self) -> Path:
+        """Per tenant: split counts, eligible or not and why (retrain.data.dataset_text)."""
+        return self.path / self.TENANTS_MANIFEST
+
+    # --- generation use cases (retrain.generation): per-tenant plan, voice classifier, export, summary -------
+    @property
+    def tenants_plan(self) -> Path:
+        """Which tenants this run trains and which it skips, with the reason (plan_tenants)."""
+        return self.path / "tenants_plan.json"
+
+    @property
+    def voice_classifier(self) -> Path:
+        """The voice-attribution classifier fitted on all tenants' training e-mails (once per run)."""
+        return self.path / "voice_classifier.joblib"
+
+    @property
+    def tenants_summary(self) -> Path:
+        return self.path / "tenants_summary.json"
+
+    @property
+    def tenants_summary_md(self) -> Path:
+        return self.path / "tenants_summary.md"
+
+    @property
+    def tenant_export(self) -> Path:
+        """In a tenant's sub-run: adapter/ + Ollama Modelfile, what deploy publishes (retrain.registry.tenants)."""
+        return self.candidate / "export"
 
     # --- evaluation and decision --------------------------------------------------------------------------
     @property

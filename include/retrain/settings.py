@@ -22,6 +22,7 @@ variables after import, and nothing here may touch a database or the network at 
 | ``RETRAIN_BACKUP_UPLOAD_THREADS``, ``RETRAIN_BACKUP_PART_MB`` | multipart upload | 4, 16 |
 | ``RETRAIN_BACKUP_ENABLED``/``_KEEP``/``_CLEANUP``/``_CLEANUP_FILES`` | backup policy when the use case has no ``backup:`` | true, 6, true, batch/split files |
 | ``RETRAIN_CHECKPOINT_MIRROR`` | mirror training checkpoints to S3, encrypted: auto (when S3 + a backup key are set), on, off | auto |
+| ``RETRAIN_CHECKPOINT_SCRATCH`` | a worker-local directory for training checkpoints (not shared; the S3 mirror carries them to a retry elsewhere) | unset: in the run directory |
 | ``RETRAIN_RESTORE_ROOTS`` | extra directories restores may write into (os.pathsep-separated) | only ``$RETRAIN_HOME/restores`` |
 | ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` | OpenAI backend when the ``openai_default`` connection is missing | unset |
 | ``RETRAIN_OPENAI_POLL_SECONDS`` | how often the triggerer polls a fine-tuning job | 30 |
@@ -235,6 +236,20 @@ def checkpoint_mirror_mode(error: type[Exception] = SettingsError) -> str:
     if mode not in ("auto", "on", "off"):
         raise error(f"RETRAIN_CHECKPOINT_MIRROR={raw!r} is not supported; use auto, on or off")
     return mode
+
+
+def checkpoint_scratch(error: type[Exception] = SettingsError) -> Path | None:
+    """RETRAIN_CHECKPOINT_SCRATCH: an absolute directory on this worker's own disk where training checkpoints are
+    written (``<scratch>/<use case>/<run>/checkpoints``) instead of the shared run directory; None when unset. An
+    ephemeral GPU worker needs no shared volume for checkpoints: the S3 mirror carries them to a retry elsewhere."""
+    raw = (os.environ.get("RETRAIN_CHECKPOINT_SCRATCH") or "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise error(f"RETRAIN_CHECKPOINT_SCRATCH={raw!r} must be an absolute path (a directory on this worker's "
+                    "own disk), or unset to keep checkpoints in the run directory")
+    return path
 
 
 def restore_roots() -> list[Path]:

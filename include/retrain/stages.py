@@ -49,13 +49,54 @@ def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def prepare_run(use_case: str, run_id: str, params: dict | None = None, *, triggered_by: str | None = None) -> dict:
+SCHEDULE_FIELDS = ("run_type", "logical_date", "data_interval_start", "data_interval_end")
+
+
+def _schedule_record(schedule: dict | None) -> dict:
+    """The run's schedule facts (Airflow's dag_run) for run_config.json: run type and ISO 8601 UTC dates; None for
+    what the run does not have (a manual run triggered without a logical date has no data interval)."""
+    out = {}
+    for key in SCHEDULE_FIELDS:
+        value = (schedule or {}).get(key)
+        if value is not None and key == "run_type":
+            value = str(value).rsplit(".", 1)[-1].lower()  # DagRunType.SCHEDULED -> "scheduled"
+        elif value is not None:
+            value = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        out[key] = value
+    return out
+
+
+def _data_interval(meta: dict) -> tuple[datetime | None, datetime | None] | None:
+    """The (start, end) collection is bounded by, from run_config.json; None: collect up to now.
+
+    A scheduled (or backfill) run ends at its data interval's end: the run due on the 1st takes what changed before
+    that tick, never the month after it. A manual run ends at its logical date: one triggered "for" 2026-11-01 takes
+    what changed before it, and one triggered now (the UI's default, ``dag.test()``) takes everything up to now. Not
+    the manual run's data interval: Airflow infers it from the timetable and may end it at the last tick, which would
+    silently leave out everything that arrived since."""
+    def parse(key: str) -> datetime | None:
+        return meta.get(key) and datetime.fromisoformat(meta[key].replace("Z", "+00:00"))
+
+    if meta.get("run_type") in ("scheduled", "backfill"):
+        end = parse("data_interval_end")
+    else:
+        end = parse("logical_date")
+    if end is None:
+        return None
+    start = parse("data_interval_start")
+    return (start if start is not None and start <= end else None), end
+
+
+def prepare_run(use_case: str, run_id: str, params: dict | None = None, *, triggered_by: str | None = None,
+                schedule: dict | None = None) -> dict:
     """Validate the use case and the run's parameters, create the run directory, make sure the schema exists.
 
     Everything a retry cannot fix fails here, before any data moves: the file (naming file and field), the Params
     (types, the use case's limits, the base-model allow-list), and a loosened gate threshold without
     ``gate_override_reason`` (naming the threshold and the YAML's floor). ``triggered_by`` (the triggering user)
-    is recorded with any gate override."""
+    is recorded with any gate override. ``schedule``: the run's run_type, logical_date and data interval (from
+    Airflow's dag_run), recorded in run_config.json; a data_interval_end bounds what collect_examples takes."""
     from retrain.settings import models_root
 
     floors = load_use_case(use_case)
@@ -82,6 +123,7 @@ def prepare_run(use_case: str, run_id: str, params: dict | None = None, *, trigg
             "gate_overrides": overrides,
             "approval_required": approval_required,
             "prepared_at": datetime.now(timezone.utc).isoformat(),
+            **_schedule_record(schedule),
         },
     )
     for o in overrides:
@@ -131,6 +173,8 @@ def collect(run_dir: str | Path) -> dict:
             split_ratios=(split.train, split.val),
             sample_limit=meta["params"].get("sample_limit"),
             pii=uc.pii,
+            tenant_column=uc.tenants.column if uc.tenants else None,
+            data_interval=_data_interval(meta),
         )
     write_json(RunDir(run_dir).collect, result)
     return {k: result[k] for k in ("rows", "skipped", "replayed")}
@@ -175,6 +219,8 @@ def summarize(run_dir: str | Path) -> dict:
         "drift": _drift_line(validation.get("drift") or manifest.get("drift") or {}),
         "label_conflicts": (manifest.get("conflicts") or {}).get("total", 0),
         "new_rows": manifest.get("new_rows"),
+        # What collect_examples took: (from, to] in (updated_at, id) order, bounded by the data interval if any.
+        "collection_window": json.loads(rd.collect.read_text()).get("window") if rd.collect.is_file() else None,
     }
     write_json(rd.summary, summary)
     _, meta = load_run(rd)
@@ -213,22 +259,19 @@ def sweep_requested(run_dir: str | Path) -> bool:
 
 
 def plan_sweep(run_dir: str | Path) -> list[dict]:
-    """One sub-run directory per candidate (the mapped training task's inputs). On the openai backend the
-    candidates' jobs share one cost gate: the sum of their estimates must fit max_cost_usd."""
+    """One sub-run directory per candidate (the mapped training task's inputs). On the openai backend (task
+    plan_openai_sweep) the candidates' jobs share one cost gate, checked before any job exists: the sum of their
+    estimates must fit max_cost_usd."""
     from retrain import sweep
 
     with timed_stage(run_dir, "plan_sweep"):
-        uc, meta = load_run(run_dir)
+        uc, _ = load_run(run_dir)
         if uc.training.backend == "openai":
-            from retrain.train.openai.checks import check_and_estimate, job_settings
-
-            limit = job_settings(run_dir)["max_cost_usd"]
-            cost = sweep.openai_cost_check(run_dir, check_and_estimate(run_dir)["estimate"], limit)
-            raise sweep.SweepError(
-                f"sweeps on the openai backend: the candidates' estimated costs sum to ${cost['total_usd']:.4f} "
-                f"(within max_cost_usd=${limit:.2f}), but this DAG trains sweep candidates with QLoRA only; trigger "
-                "with sweep=off, or backend=qlora")
+            sweep.check_openai_budget(run_dir)
         return sweep.plan(run_dir)
+
+
+plan_openai_sweep = plan_sweep  # the openai backend's branch: its candidates train as mapped OpenAI jobs
 
 
 def train_sweep(candidate: dict) -> dict:
@@ -280,6 +323,9 @@ def select_candidate(results) -> dict:
     return {k: report[k] for k in ("winner", "optimizer_steps", "full_grid_steps", "report_md", "plot")}
 
 
+select_openai_candidate = select_candidate  # the same selection after the mapped OpenAI jobs
+
+
 @recorded("register_candidate", lambda r: {"model_version": r["version"]})
 def register_candidate(run_dir: str | Path) -> dict:
     """Record the trained candidate in the model registry (idempotent per run)."""
@@ -325,42 +371,57 @@ def _conversations(uc, inputs: list[str]) -> list[list[dict]]:
 
 @recorded("evaluate_candidate")
 def evaluate(run_dir: str | Path) -> dict:
-    """Candidate and baseline (production model, or the base model on a first run) answer the same frozen test set."""
+    """The candidate, the prompted base model (the untuned base model told the labels: retrain.evaluate.baseline)
+    and, when one exists, the production model answer the same frozen test set. The gate's reference (metrics.json's
+    ``baseline``) is the production model, else the prompted base model; both baselines are reported."""
     from retrain.evaluate import analysis, inference, metrics
+    from retrain.evaluate import baseline as baselines
     from retrain.registry.deploy import baseline_spec
 
     run_dir = Path(run_dir)
     uc, _ = load_run(run_dir)
     with db.connection() as conn:
         db.ensure_schema(conn)
-        baseline = baseline_spec(conn, uc)
+        reference = baseline_spec(conn, uc)
     candidate = candidate_spec(_train_result(run_dir))
+    models = baselines.plan(reference, candidate, baselines.prompted_base_spec(uc))
+    ref = baselines.reference_name(models)
     rd = RunDir(run_dir)
     inputs, references = metrics.load_test_set(uc, rd.split("test"))
-    conversations = _conversations(uc, inputs)
     rd.evaluation.mkdir(exist_ok=True)
-    # Both models get the same budget, bounded by the schema and by the longest answer they were trained on.
+    # Every model gets the same budget, bounded by the schema and by the longest answer the candidate was trained on.
     budget = inference.max_new_tokens_for(uc, _training_answers(run_dir))
     scores = {}
-    for name, spec in (("baseline", baseline), ("candidate", candidate)):
+    for name, spec in models.items():
         log.info("evaluating %s model %s on %d test examples (at most %d new tokens each)", name,
                  spec.get("path") or spec.get("model"), len(inputs), budget)
+        conversations = baselines.conversations(uc, inputs, baselines.system_prompt_for(uc, spec))
         results, stats = inference.predict(spec, conversations, uc, max_new_tokens=budget)
-        with open(rd.predictions(name), "w", encoding="utf-8") as fh:
-            for text, result in zip(inputs, results):
-                fh.write(json.dumps({"input": text, **result}, ensure_ascii=False) + "\n")
+        # predictions_baseline.jsonl is the gate's reference, as before; the prompted base model's also under its name.
+        for file in {("baseline" if name == ref else name), *([name] if name == baselines.PROMPTED else [])}:
+            with open(rd.predictions(file), "w", encoding="utf-8") as fh:
+                for text, result in zip(inputs, results):
+                    fh.write(json.dumps({"input": text, **result}, ensure_ascii=False) + "\n")
         scores[name] = metrics.score_predictions(uc, references, results, inputs=inputs, wall_seconds=stats["seconds"])
-        log.info("%s: primary score %.3f, json validity %.3f, p95 latency %.3fs", name,
+        log.info("%s: primary score %.3f, json validity %.3f, schema validity %.3f, p95 latency %.3fs", name,
                  scores[name]["aggregate"]["primary_score"], scores[name]["aggregate"]["json_validity"],
-                 stats.get("p95") or 0.0)
-    comparison = metrics.compare(uc, scores["baseline"], scores["candidate"])
-    comparison["analysis"] = analysis.report(uc, scores["baseline"]["per_example"], scores["candidate"]["per_example"],
+                 scores[name]["aggregate"]["schema_validity"], stats.get("p95") or 0.0)
+    labels = _labels({"baseline": models[ref], "candidate": candidate, baselines.PROMPTED: models[baselines.PROMPTED]})
+    comparison = metrics.compare(uc, scores[ref], scores["candidate"])
+    metrics.add_baselines(comparison, scores["candidate"], scores[baselines.PROMPTED], scores.get("production"),
+                          labels={"base_model_prompted": labels.get(baselines.PROMPTED),
+                                  "production": labels["baseline"] if ref == "production" else None})
+    comparison["analysis"] = analysis.report(uc, scores[ref]["per_example"], scores["candidate"]["per_example"],
                                              budget=budget)
-    metrics.write_metrics(run_dir, scores["baseline"], scores["candidate"], comparison)
-    write_json(rd.models, {"baseline": baseline, "candidate": candidate})
+    metrics.write_metrics(run_dir, scores[ref], scores["candidate"], comparison,
+                          base_model_prompted=scores[baselines.PROMPTED])
+    write_json(rd.models, {"baseline": models[ref], "candidate": candidate,
+                           baselines.PROMPTED: models[baselines.PROMPTED]})
     return {
-        "baseline_kind": baseline["baseline_kind"],
-        "baseline_score": scores["baseline"]["aggregate"]["primary_score"],
+        "baseline_kind": models[ref]["baseline_kind"],
+        "baseline_score": scores[ref]["aggregate"]["primary_score"],
+        "base_model_prompted_score": scores[baselines.PROMPTED]["aggregate"]["primary_score"],
+        "production_score": scores["production"]["aggregate"]["primary_score"] if "production" in scores else None,
         "candidate_score": scores["candidate"]["aggregate"]["primary_score"],
         "test_examples": len(inputs),
     }
@@ -402,12 +463,21 @@ def score_split(run_dir: str | Path, split: str = "val", models: tuple[str, ...]
 
 
 def _labels(models: dict) -> dict:
+    """Display names of the scored models (models.json): the gate's reference, the candidate and, when it was
+    scored, the prompted base model (runs before it have no such entry)."""
     def name(spec: dict) -> str:
-        return str(spec.get("model") or spec.get("path"))
+        return Path(str(spec.get("model") or spec.get("path"))).name
 
-    kind = models["baseline"].get("baseline_kind", "base_model").replace("_", " ")
-    return {"baseline": f"baseline ({kind}: {Path(name(models['baseline'])).name})",
-            "candidate": f"candidate ({Path(name(models['candidate'])).name})"}
+    base = models["baseline"]
+    kind = base.get("baseline_kind", "base_model").replace("_", " ")
+    if base.get("prompt") == "baseline":
+        kind = "prompted base model"
+    elif kind == "production" and base.get("version") is not None:
+        kind = f"production v{base['version']}"
+    labels = {"baseline": f"baseline ({kind}: {name(base)})", "candidate": f"candidate ({name(models['candidate'])})"}
+    if models.get("base_model_prompted"):
+        labels["base_model_prompted"] = f"prompted base model ({name(models['base_model_prompted'])})"
+    return labels
 
 
 def _announce_overrides(use_case: str, run_id: str, version: int, decision: dict, overrides: list[dict],
@@ -448,7 +518,7 @@ def decide(run_dir: str | Path) -> dict:
     if overrides:
         _announce_overrides(uc.name, meta["run_id"], version, decision, overrides, out["report_html"])
     return {k: out[k] for k in ("decision", "summary", "candidate_score", "baseline_score", "report_html")} | {
-        "version": version
+        "version": version, "base_model_prompted_score": out.get("base_model_prompted_score")
     }
 
 
@@ -555,3 +625,17 @@ def cleanup(run_dir: str | Path) -> dict:
 
     result = cleanup_stage(run_dir)
     return {k: result.get(k) for k in ("removed", "bytes_freed", "skipped")}
+
+
+# --- active learning (retrain.review) ---------------------------------------------------------------------------
+
+
+@recorded("select_for_review")
+def select_for_review(run_dir: str | Path) -> dict:
+    """Queue the hardest of this run's production rows for human review (low candidate margin, disagreement with
+    the production model, schema failures) and write the Label Studio import file. Never raises: a failure is
+    logged and shown in the run summary (REVIEW: failed ...), and the deploy path never waits for it."""
+    from retrain.review.workflow import select_run_safely
+
+    summary = select_run_safely(run_dir)
+    return {k: summary.get(k) for k in ("status", "scored", "queued", "reasons", "export", "error") if k in summary}

@@ -21,6 +21,12 @@ besides training:
   merged models and checkpoints are deleted (the adapters stay).
 
 Scoring is the caller's (``score(run_dir) -> aggregate metrics``): the stage passes ``stages.score_split``.
+
+On the **openai** backend each candidate is its own fine-tuning job (``epochs`` / ``openai_learning_rate_multiplier``
+/ ``openai_batch_size`` from its sub-run's ``run_config.json``; the job's key is the candidate's run id, so a retried
+task re-attaches to its job). :func:`check_openai_budget` runs before any job exists: the data's format check, then
+the sum of the candidates' estimates against ``max_cost_usd``. Halving does not apply (a job cannot be stopped at a
+rung and resumed); selection, the report and the registry rows are the same as for QLoRA.
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ def plan(run_dir: str | Path) -> list[dict]:
     if not n:
         raise SweepError("this run was not triggered with a sweep (sweep Param is off): nothing to plan")
     config = uc.sweep
+    openai = uc.training.backend == "openai"  # one fine-tuning job per candidate: no optimizer steps, no halving
     base_overrides = read_overrides_file(rd.path)
     train_examples = _count_lines(rd.split("train")) if rd.split("train").is_file() else 0
     rows = []
@@ -107,9 +114,12 @@ def plan(run_dir: str | Path) -> list[dict]:
         except TrainingSpecError as exc:
             raise SweepError(f"sweep candidate {name} {values} is not a valid training spec: {exc}") from None
         rows.append({"name": name, "values": values, "spec_values": spec_values,
-                     "total_steps": total_steps(spec, train_examples)})
+                     "total_steps": None if openai else total_steps(spec, train_examples)})
     halving = None
-    if config.halving and len(rows) > 1:
+    if config.halving and openai:
+        log.info("sweep.halving does not apply on the openai backend (a job cannot stop at a rung and resume): "
+                 "every candidate trains in full")
+    elif config.halving and len(rows) > 1:
         halving = halving_schedule([r["total_steps"] for r in rows], config.halving.eta,
                                    config.halving.first_budget_fraction)
         halving |= {"eta": config.halving.eta, "first_budget_fraction": config.halving.first_budget_fraction}
@@ -134,12 +144,31 @@ def plan(run_dir: str | Path) -> list[dict]:
                     "values": row["values"], "total_steps": row["total_steps"], "stop_at_step": stop_at,
                     "rung": 1})
     write_json(rd.sweep_plan, {"run_id": meta["run_id"], "method": config.method, "space": config.space,
-                               "requested": n, "halving": halving, "candidates": out})
+                               "backend": uc.training.backend, "requested": n, "halving": halving,
+                               "candidates": out})
     log.info("sweep of %d candidates over %s%s", len(out), ", ".join(config.space),
              f"; successive halving: first budgets {halving['first_budget']}, keep {halving['keep']}, at most "
              f"{halving['max_optimizer_steps']} optimizer steps against {halving['full_grid_steps']} for the full grid"
              if halving else "")
     return out
+
+
+def check_openai_budget(run_dir: str | Path) -> dict:
+    """Before any of the sweep's OpenAI jobs exists (nothing uploaded yet): the dataset's format check, then the
+    cost gate over the sum of the candidates' estimates (:func:`openai_cost_check`). The run's own one-job estimate
+    only prices a training epoch here: the sum decides, also when one job at the YAML's epochs would not fit."""
+    from retrain.train.openai.checks import check_and_estimate, job_settings
+    from retrain.train.openai.errors import CostLimitExceeded
+
+    limit = job_settings(run_dir)["max_cost_usd"]
+    try:
+        estimate = check_and_estimate(run_dir, max_cost_usd=limit)["estimate"]
+    except CostLimitExceeded as exc:
+        estimate = exc.estimate
+    cost = openai_cost_check(run_dir, estimate, limit)
+    log.info("OpenAI sweep: the candidates' estimates (%s) sum to $%.4f <= max_cost_usd $%g",
+             ", ".join(f"{k} ${v:.4f}" for k, v in cost["estimates"].items()), cost["total_usd"], limit)
+    return cost
 
 
 def candidate_run_id(run_id: str, name: str) -> str:
@@ -245,22 +274,34 @@ def _report(rd: RunDir, results: list[dict], score: Score) -> dict:
             "name": name, "values": c["values"], "primary_score": metrics.get("primary_score"),
             "json_validity": metrics.get("json_validity"), "eval_loss": result.get("eval_loss"),
             "steps": result.get("steps"),
-            "steps_trained": rung1_steps.get(name, 0) + (finals[name]["steps_trained"] if name in finals else 0),
+            "steps_trained": _steps_trained(rung1_steps.get(name, 0), finals[name] if name in finals else None),
             "trained": "full" if name in finals else "first rung",
             "status": "selected" if name == winner else "not_selected",
             "run_id": candidate_run_id(plan_data["run_id"], name), "run_dir": c["run_dir"],
             "backend": result.get("backend"), "base_model": result.get("base_model"),
-            "artifact": None if name == winner else result.get("adapter_path")})
+            "artifact": None if name == winner else result.get("adapter_path") or result.get("model_id")})
     report = {"run_id": plan_data["run_id"], "method": plan_data["method"], "space": plan_data["space"],
               "metric": "primary_score (validation split)", "winner": winner, "candidates": table,
-              "halving": plan_data.get("halving"), "optimizer_steps": sum(r["steps_trained"] for r in table),
-              "full_grid_steps": sum(c["total_steps"] for c in plan_data["candidates"]),
+              "halving": plan_data.get("halving"), "optimizer_steps": _sum_or_none(r["steps_trained"] for r in table),
+              "full_grid_steps": _sum_or_none(c["total_steps"] for c in plan_data["candidates"]),
               "report_md": str(rd.sweep_report_md), "plot": str(rd.sweep_plot)}
     write_plot(table, plan_data["space"], rd.sweep_plot)
     with atomic_write(rd.sweep_report_md) as fh:
         fh.write(report_markdown(report))
     write_json(rd.sweep_report_json, report)
     return report
+
+
+def _steps_trained(rung1: int, final: dict | None) -> int | None:
+    """Optimizer steps a candidate trained over both rungs (None: an OpenAI job, whose steps are OpenAI's)."""
+    if final is None:
+        return rung1
+    return None if final.get("steps_trained") is None else rung1 + final["steps_trained"]
+
+
+def _sum_or_none(values) -> int | None:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
 
 
 def _promote(sub: RunDir, rd: RunDir) -> None:
@@ -302,11 +343,16 @@ def report_markdown(report: dict) -> str:
              f"**{report['winner']}**", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["candidates"]:
+        steps = "n/a" if r["steps_trained"] is None else str(r["steps_trained"])
         cells = [r["name"], *[str(r["values"].get(f)) for f in fields], _fmt(r["primary_score"]),
-                 _fmt(r["json_validity"]), _fmt(r["eval_loss"]), str(r["steps_trained"]), r["trained"],
+                 _fmt(r["json_validity"]), _fmt(r["eval_loss"]), steps, r["trained"],
                  f"**{r['status']}**" if r["status"] == "selected" else r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Optimizer steps: {report['optimizer_steps']} (the full grid: {report['full_grid_steps']})."]
+    if report["optimizer_steps"] is not None:
+        lines += ["", f"Optimizer steps: {report['optimizer_steps']} (the full grid: {report['full_grid_steps']})."]
+    else:
+        lines += ["", "One OpenAI fine-tuning job per candidate (steps are OpenAI's; cost gate: the sum of the "
+                      "candidates' estimates)."]
     if report.get("halving"):
         h = report["halving"]
         lines.append(f"Successive halving: eta {h['eta']}, first budget {h['first_budget_fraction']:g} of each "

@@ -72,11 +72,27 @@ END $$;
 CREATE INDEX IF NOT EXISTS production_examples_updated_idx
     ON production_examples (use_case, updated_at, id);
 
+-- Generation use cases (issue 20): whose example a row is (a user id; one adapter per tenant). NULL for the
+-- structured use cases. Catalog-guarded like updated_at: no ACCESS EXCLUSIVE lock at run start when present.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'production_examples'::regclass
+                   AND attname = 'tenant' AND NOT attisdropped) THEN
+        ALTER TABLE production_examples ADD COLUMN tenant TEXT;
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS production_examples_tenant_idx
+    ON production_examples (use_case, tenant);
+
 -- The watermark and each run's window in (updated_at, id) order. NULL row_updated_at = a watermark written by
 -- the id-only collector: it continues from (epoch, id), which is where the pre-existing rows sort.
 ALTER TABLE collection_watermarks ADD COLUMN IF NOT EXISTS row_updated_at TIMESTAMPTZ;
 ALTER TABLE collection_runs ADD COLUMN IF NOT EXISTS from_updated_at TIMESTAMPTZ;
 ALTER TABLE collection_runs ADD COLUMN IF NOT EXISTS to_updated_at TIMESTAMPTZ;
+-- A scheduled run (or one triggered for a logical date) collects rows changed before its data_interval_end only;
+-- rows at or after it belong to the next run. NULL: a manual run without a data interval (collected up to now).
+ALTER TABLE collection_runs ADD COLUMN IF NOT EXISTS data_interval_start TIMESTAMPTZ;
+ALTER TABLE collection_runs ADD COLUMN IF NOT EXISTS data_interval_end TIMESTAMPTZ;
 
 -- The curated (scrubbed) dataset, accumulated across months. An example's split is fixed by the hash of its
 -- normalised input; test rows are frozen at first sight so every month is evaluated on a superset of the
@@ -188,3 +204,27 @@ BEGIN
                 || replace(def, 'ARRAY[', 'ARRAY[''not_selected''::text, ');
     END IF;
 END $$;
+
+-- Active learning (issue 19): the hard production examples of a run queued for human review (retrain.review).
+-- One row per (use case, run, production_examples.id): a retried selection upserts, never duplicates. `retrain
+-- review import` writes the reviewer's answer to production_examples.corrected_output and marks the row reviewed.
+CREATE TABLE IF NOT EXISTS review_queue (
+    use_case          TEXT             NOT NULL,
+    run_id            TEXT             NOT NULL,
+    source_id         BIGINT           NOT NULL,      -- production_examples.id
+    rank              INTEGER          NOT NULL,      -- 1 = hardest of the run
+    score             DOUBLE PRECISION NOT NULL,
+    reasons           TEXT[]           NOT NULL,      -- low_margin, disagreement, schema_failure
+    margin            DOUBLE PRECISION,               -- candidate's top1 - top2 log-prob at the primary label
+    input             TEXT             NOT NULL,      -- as collected (PII scrubbed)
+    candidate_output  TEXT,
+    production_output TEXT,
+    details           JSONB            NOT NULL DEFAULT '{}'::jsonb,
+    status            TEXT             NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'reviewed')),
+    reviewed_output   JSONB,
+    reviewed_at       TIMESTAMPTZ,
+    created_at        TIMESTAMPTZ      NOT NULL DEFAULT now(),
+    updated_at        TIMESTAMPTZ      NOT NULL DEFAULT now(),
+    PRIMARY KEY (use_case, run_id, source_id)
+);
+CREATE INDEX IF NOT EXISTS review_queue_status_idx ON review_queue (use_case, status);

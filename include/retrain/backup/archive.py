@@ -23,6 +23,10 @@ from retrain.backup.common import (
 )
 
 
+def _excluded(rel: str) -> bool:
+    return any(rel == d or rel.endswith("/" + d) for d in EXCLUDE_DIRS)
+
+
 def select_files(run_dir: str | Path, include_files: Sequence[str] = INCLUDE_FILES,
                  include_dirs: Sequence[str] = INCLUDE_DIRS) -> list[tuple[str, Path, os.stat_result]]:
     """(relative posix path, absolute path, stat) of the files a backup takes, sorted; symlinks are skipped
@@ -40,7 +44,8 @@ def select_files(run_dir: str | Path, include_files: Sequence[str] = INCLUDE_FIL
         for dirpath, dirnames, filenames in os.walk(base):
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             # A crashed training attempt leaves adapter.tmp/ or merged.tmp/ behind: not worth keeping.
-            dirnames[:] = sorted(n for n in dirnames if f"{rel_dir}/{n}" not in EXCLUDE_DIRS
+            # Exclusions hold at any depth: a tenant's sub-run (tenants/<t>/candidate/checkpoints) like the run's own.
+            dirnames[:] = sorted(n for n in dirnames if not _excluded(f"{rel_dir}/{n}")
                                  and not n.endswith((".tmp", ".partial"))
                                  and not (Path(dirpath) / n).is_symlink())
             for n in filenames:

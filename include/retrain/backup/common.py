@@ -30,13 +30,14 @@ _SPLIT_FILES = tuple(_RELATIVE.split(s).name for s in SPLITS)
 # What a run directory is worth keeping. Checkpoints and TensorBoard logs are large and reproducible.
 INCLUDE_FILES = (
     *_SPLIT_FILES, RunDir.REJECTED, RunDir.BATCH, RunDir.MANIFEST, RunDir.RUN_CONFIG, RunDir.DECISION,
-    RunDir.VALIDATION, RunDir.COLLECT, RunDir.SUMMARY,
+    RunDir.VALIDATION, RunDir.COLLECT, RunDir.SUMMARY, RunDir.TENANTS_MANIFEST,
 )
-INCLUDE_DIRS = (RunDir.CANDIDATE, RunDir.EVALUATION)
-EXCLUDE_DIRS = tuple(p.as_posix() for p in (_RELATIVE.checkpoints, _RELATIVE.tensorboard))
+# tenants/: a generation use case's per-tenant sub-runs (splits, adapters, evaluation), one backup for the run.
+INCLUDE_DIRS = (RunDir.CANDIDATE, RunDir.EVALUATION, RunDir.TENANTS)
+EXCLUDE_DIRS = tuple(p.as_posix() for p in (_RELATIVE.checkpoints_under(None), _RELATIVE.tensorboard))
 # Removed locally after a verified backup: the raw batch and the rejected rows (scrubbed, but still production
 # text) and the split files (the frozen test set lives in the dataset_examples table, not in old run dirs).
-DEFAULT_REMOVE = (RunDir.BATCH, RunDir.REJECTED, *_SPLIT_FILES)
+DEFAULT_REMOVE = (RunDir.BATCH, RunDir.REJECTED, *_SPLIT_FILES, *(f"{RunDir.TENANTS}/*/{f}" for f in _SPLIT_FILES))
 
 USE_CASE_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 _RUN = re.compile(r"^[A-Za-z0-9._-]{1,200}$")

@@ -241,9 +241,18 @@ def print_run_summary(run_dir: Path, result: dict, total_seconds: float) -> None
                 b, c = m[key].get("baseline"), m[key].get("candidate")
                 fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
                 print(f"  {key:19s}: {fmt(b):>9s} {fmt(c):>9s}")
+    if rd.tenants_summary_md.is_file():  # generation use cases: one line per tenant (retrain.generation.summarize)
+        print(rd.tenants_summary_md.read_text(encoding="utf-8").rstrip())
     decision = _read(rd.decision)
     if decision:
         print(f"decision     : {decision['decision']} - {decision['summary']}")
+        if decision.get("baselines"):  # the prompted base model and, when one exists, the production model
+            print(f"{'':15s}{decision['baselines']}")
+    from retrain.review.workflow import summary_line  # active learning (select_for_review)
+
+    review = summary_line(_read(rd.review_summary))
+    if review:
+        print(f"REVIEW       : {review.removeprefix('REVIEW: ')}")
     for label, path in (("report", rd.report_html), ("loss curve", rd.loss_plot)):
         if path.is_file():
             print(f"{label:13s}: {path}")

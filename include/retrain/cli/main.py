@@ -6,6 +6,7 @@
     retrain ui                                                              # Airflow UI on these DAGs
     retrain prepare|collect|build|validate ...                              # one stage
     retrain check-config                                                    # validate every use-case YAML
+    retrain review export --use-case X [--run-id R] | review import FILE     # active learning (Label Studio)
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def cmd_rollback(args) -> int:
 
     from retrain.registry.deploy import run_rollback
 
+    if not args.tenant and load_use_case(args.use_case).kind == "generation":
+        raise SystemExit(f"{args.use_case} has one model per tenant: add --tenant <user id>")
+    if args.tenant:  # a generation use case: one tenant's adapter (retrain.registry.tenants)
+        from retrain.registry.tenants import run_rollback as run_tenant_rollback
+
+        _print(run_tenant_rollback(args.use_case, args.tenant, to_version=args.to_version, reason=args.reason,
+                                   actor=f"cli:{getpass.getuser()}"))
+        return 0
     _print(run_rollback(args.use_case, to_version=args.to_version, reason=args.reason,
                         actor=f"cli:{getpass.getuser()}"))
     return 0
@@ -162,6 +171,23 @@ def cmd_check_config(args) -> int:
             bad += 1
             print(f"FAIL {exc}")
     return 1 if bad else 0
+
+
+def cmd_review(args) -> int:
+    """Active learning: export a run's review queue for Label Studio, or import the reviewers' answers."""
+    from retrain.review import workflow
+
+    if args.action == "export":
+        result = workflow.export(args.use_case, args.run_id, args.out)
+        print(f"{result['tasks']} tasks of {result['use_case']} run {result['run_id']} ({result['reviewed']} already "
+              f"reviewed) -> {result['export']}; labeling config: {result['labeling_config']}")
+        return 0
+    result = workflow.import_file(args.file)
+    for line in result["errors"]:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{result['imported']} reviewed answers written as corrections, {result['unchanged']} unchanged, "
+          f"{result['not_reviewed']} tasks not reviewed yet, {len(result['errors'])} refused ({result['file']})")
+    return 1 if result["errors"] else 0
 
 
 def cmd_score(args) -> int:
@@ -225,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--use-case", required=True)
     p.add_argument("--to-version", type=int, default=None)
     p.add_argument("--reason", required=True, help="why (recorded in the registry history)")
+    p.add_argument("--tenant", default=None, help="generation use cases: the tenant whose adapter rolls back")
     p.set_defaults(func=cmd_rollback)
     p = sub.add_parser("registry", help="model versions and history of a use case")
     p.add_argument("--use-case", required=True)
@@ -255,6 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     from retrain.cli.stack import cmd_stack
 
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("review", help="active learning: export a run's review queue for Label Studio, import the "
+                                      "reviewed answers as corrections")
+    rsub = p.add_subparsers(dest="action", required=True)
+    r = rsub.add_parser("export", help="write the queue as a Label Studio import file (+ labeling config)")
+    r.add_argument("--use-case", required=True)
+    r.add_argument("--run-id", default=None, help="default: the newest run with a review queue")
+    r.add_argument("--out", default=None, help="default: review/label_studio_tasks.json in the run directory")
+    r = rsub.add_parser("import", help="write a Label Studio JSON export back as corrected_output (feedback "
+                                       "corrected); exit 1 when a task was refused")
+    r.add_argument("file")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("check-config", help="validate every use-case YAML")
     p.set_defaults(func=cmd_check_config)

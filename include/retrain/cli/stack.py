@@ -368,10 +368,44 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def restart(self, name: str) -> subprocess.Popen:
-        """Start one Airflow service again (after ``kill``), with the same command and environment."""
+    def restart(self, name: str, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start one Airflow service again (after ``kill``), with the same command and environment (plus ``env``
+        for this start only)."""
         service = self.services[name]
-        return self._spawn(name, service.argv, service.env)
+        return self._spawn(name, service.argv, {**service.env, **(env or {})})
+
+    def add_worker(self, name: str, *, queues: tuple[str, ...] = ("gpu",), env: dict[str, str] | None = None,
+                   timeout: float = 180.0) -> Service:
+        """Start one more Celery worker, as a second machine joining the cluster would (`airflow celery worker -q
+        gpu`): its own host name and, through ``env``, its own disk (e.g. RETRAIN_CHECKPOINT_SCRATCH). Not a
+        compose service (compose scales ``airflow-worker-gpu`` instead); a gpu worker's concurrency is the gpu
+        pool's slots, the pool still limits how many tasks train at once. Returns when it answers a ping."""
+        if not name.startswith("airflow-worker-") or name in self.services:
+            raise StackError(f"a new worker needs a new name starting with 'airflow-worker-', not {name!r}")
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        service = Service(name, [airflow, "celery", "worker", "-q", ",".join(queues), "--celery-hostname",
+                                 f"{name}@%h"], queues=tuple(queues),
+                          concurrency=self.gpu_pool_slots if "gpu" in queues else None)
+        service.env = {**worker_env(service, free_port()), **(env or {})}
+        self.services[name] = service
+        proc = self._spawn(name, service.argv, service.env)
+        deadline = time.monotonic() + timeout
+        wanted = self.worker_names()[name]
+        while wanted not in self.ping_workers():
+            if proc.poll() is not None:
+                raise StackError(f"{name} exited with status {proc.returncode}; see {self.log_path(name)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{name} gave no ping reply within {timeout:.0f}s; see {self.log_path(name)}")
+            time.sleep(2)
+        self.say(f"ready: {name} (queues {','.join(queues)})")
+        return service
+
+    def remove_worker(self, name: str) -> None:
+        """Stop a worker started by ``add_worker`` (warm shutdown: SIGTERM to its process group) and forget it."""
+        if name in self.procs and self.procs[name].poll() is None:
+            self.kill(name, signal.SIGTERM)
+        self.procs.pop(name, None)
+        self.services.pop(name, None)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal one service's whole process group (what a crashed container looks like to the others)."""

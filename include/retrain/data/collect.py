@@ -12,6 +12,8 @@ with its correction (each batch line carries ``updated_at`` so build_dataset let
 window a run collects is recorded in ``collection_runs`` in the same transaction that moves the watermark, so a
 retried or cleared task replays exactly the same window and the watermark never moves twice; a row corrected
 between a try and its retry leaves that window and is collected by the next run instead (never twice, never lost).
+A run with a data interval (scheduled, or triggered for a logical date) collects only rows changed before its
+data_interval_end: a run for a past month never takes the months after it, and the watermark never passes them.
 Known limit, shared by any watermark: a transaction that stays open across a collection and then commits writes
 an updated_at (its start time) behind the watermark, so keep correcting transactions short.
 
@@ -28,6 +30,7 @@ from json.encoder import encode_basestring
 import logging
 import math
 import os
+import re
 import time
 from datetime import datetime, timezone
 from collections import Counter
@@ -47,7 +50,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # through as that text; only the others are parsed, scrubbed value by value and serialised again.
 _SELECT_WINDOW = """
     SELECT id, input, model_output::text, corrected_output::text, feedback,
-           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+           to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), {tenant}
     FROM production_examples
     WHERE use_case = %(use_case)s
       AND updated_at >= %(from_ts)s AND updated_at <= %(to_ts)s
@@ -56,6 +59,15 @@ _SELECT_WINDOW = """
 """
 # The plain range on updated_at is redundant with the row comparisons but lets the planner estimate the window:
 # without it PostgreSQL guessed ~100 rows and sorted a million on disk instead of walking the index in order.
+
+
+def _select_window(tenant_column: str | None):
+    from psycopg2 import sql
+
+    if tenant_column is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", tenant_column):
+        raise ValueError(f"tenant column {tenant_column!r} is not a plain column name (tenants.column)")
+    tenant = sql.Identifier(tenant_column) if tenant_column else sql.SQL("NULL")
+    return sql.SQL(_SELECT_WINDOW).format(tenant=tenant)
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -96,19 +108,24 @@ def pick_label(feedback: str, model_output: Any, corrected_output: Any) -> tuple
     return model_output, None
 
 
-def _window(cur, use_case: str, run_id: str, sample_limit: int | None) -> tuple[dict, bool]:
-    """(window, replay): (from_ts, from_id] exclusive .. (to_ts, to_id] inclusive in (updated_at, id) order."""
+def _window(cur, use_case: str, run_id: str, sample_limit: int | None,
+            interval: tuple[datetime | None, datetime | None] = (None, None)) -> tuple[dict, bool]:
+    """(window, replay): (from_ts, from_id] exclusive .. (to_ts, to_id] inclusive in (updated_at, id) order.
+
+    ``interval``: the run's (data_interval_start, data_interval_end); an end bounds the window to rows changed
+    before it (exclusive), so a run for a past month never takes the rows of the months after it."""
     cur.execute(
-        "SELECT from_updated_at, from_id, to_updated_at, to_id, from_created_at, to_created_at FROM collection_runs "
-        "WHERE use_case = %s AND run_id = %s",
+        "SELECT from_updated_at, from_id, to_updated_at, to_id, from_created_at, to_created_at, "
+        "data_interval_start, data_interval_end FROM collection_runs WHERE use_case = %s AND run_id = %s",
         (use_case, run_id),
     )
     done = cur.fetchone()
     if done is not None:
-        f_ts, f_id, t_ts, t_id, f_created, t_created = done
+        f_ts, f_id, t_ts, t_id, f_created, t_created, i_start, i_end = done
         # A run recorded by the id-only collector: its rows sort at the epoch (see schema.sql).
         return {"from_ts": f_ts or _EPOCH, "from_id": f_id, "to_ts": t_ts or _EPOCH, "to_id": t_id,
-                "from_created_at": f_created, "to_created_at": t_created}, True
+                "from_created_at": f_created, "to_created_at": t_created,
+                "interval_start": i_start, "interval_end": i_end}, True
 
     # Lock the use case's watermark so two runs cannot collect the same rows concurrently.
     cur.execute(
@@ -122,9 +139,12 @@ def _window(cur, use_case: str, run_id: str, sample_limit: int | None) -> tuple[
         (_EPOCH, use_case),
     )
     from_ts, from_id, from_created = cur.fetchone()
-    params = {"use_case": use_case, "from_ts": from_ts, "from_id": from_id}
+    interval_start, interval_end = interval
+    params = {"use_case": use_case, "from_ts": from_ts, "from_id": from_id, "before": interval_end}
+    # The lower bound is the watermark, never the interval's start: rows of a month no run collected are not lost.
     newer = ("SELECT updated_at, id, created_at FROM production_examples WHERE use_case = %(use_case)s "
-             "AND updated_at >= %(from_ts)s AND (updated_at, id) > (%(from_ts)s, %(from_id)s) ")
+             "AND updated_at >= %(from_ts)s AND (updated_at, id) > (%(from_ts)s, %(from_id)s) "
+             + ("AND updated_at < %(before)s " if interval_end is not None else ""))
     upper = None
     if sample_limit:
         cur.execute(newer + "ORDER BY updated_at, id OFFSET %(offset)s LIMIT 1", {**params, "offset": sample_limit - 1})
@@ -135,7 +155,8 @@ def _window(cur, use_case: str, run_id: str, sample_limit: int | None) -> tuple[
     if upper is None:  # nothing new: an empty window
         upper = (from_ts, from_id, from_created)
     return {"from_ts": from_ts, "from_id": from_id, "to_ts": upper[0], "to_id": upper[1],
-            "from_created_at": from_created, "to_created_at": upper[2]}, False
+            "from_created_at": from_created, "to_created_at": upper[2],
+            "interval_start": interval_start, "interval_end": interval_end}, False
 
 
 def _label_json(label: str, scrubbed: Counter, pii, fast: bool = True) -> str:
@@ -176,7 +197,7 @@ def format_chunk(rows: list[tuple], train_cut: int, val_cut: int, pii=None) -> t
     labels = _LABEL_CACHE.setdefault((None if pii is None else (pii.names, pii.addresses)), {})
     if len(labels) > _LABEL_CACHE_SIZE:
         labels.clear()
-    for source_id, text, model_output, corrected_output, feedback, updated_at in rows:
+    for source_id, text, model_output, corrected_output, feedback, updated_at, *tenant in rows:
         label, reason = pick_label(feedback, model_output, corrected_output)
         if reason:
             skipped[reason] += 1
@@ -196,9 +217,12 @@ def format_chunk(rows: list[tuple], train_cut: int, val_cut: int, pii=None) -> t
         label_json, found = cached
         if found:
             scrubbed.update(found)
+        # The tenant (generation use cases) is an identifier, kept as it is like source_id: scrubbing a user id
+        # that happens to be an e-mail address would merge every such user into one "[EMAIL]" tenant.
+        tenant_json = quote(str(tenant[0])) if tenant and tenant[0] is not None else "null"
         append(
             f'{{"source_id": {source_id}, "input": {text_json}, "label_raw": {label_json}, '
-            f'"feedback": "{feedback}", "split": {split}, "updated_at": "{updated_at}"}}\n'
+            f'"feedback": "{feedback}", "split": {split}, "updated_at": "{updated_at}", "tenant": {tenant_json}}}\n'
         )
     return "".join(out), len(out), skipped, scrubbed
 
@@ -244,13 +268,18 @@ def collect_examples(
     split_ratios: tuple[float, float] = (0.8, 0.1),
     sample_limit: int | None = None,
     pii=None,
+    tenant_column: str | None = None,
+    data_interval: tuple[datetime | None, datetime | None] | None = None,
 ) -> dict:
     """Write this run's new examples, scrubbed, to ``out_file`` (batch.jsonl) and return counts.
 
     Each line: {"source_id", "input", "label_raw", "feedback", "split", "updated_at"} (updated_at: ISO 8601 UTC,
     the row's last change). Rows whose label cannot be trusted (rejected, corrected without a fix) are counted,
     not written. ``pii``: the use case's ``pii:`` block (retrain.schemas.pii.PiiConfig); None = names and
-    addresses off.
+    addresses off. ``tenant_column``: the production_examples column holding the tenant (a generation use case's
+    tenants.column), written as "tenant"; None = "tenant": null on every line. ``data_interval``: the run's
+    (data_interval_start, data_interval_end) (a scheduled run, or one triggered for a logical date): only rows
+    changed before the end are collected, later ones stay for the next run; None (a manual run): up to now.
     """
     started = time.monotonic()
     out_file = Path(out_file)
@@ -260,14 +289,14 @@ def collect_examples(
     train, val = split_ratios
 
     with conn.cursor() as cur:
-        window, replay = _window(cur, use_case, run_id, sample_limit)
+        window, replay = _window(cur, use_case, run_id, sample_limit, tuple(data_interval or (None, None)))
 
     train_cut, val_cut = split_cuts(train, val)
     workers = _workers_for(window)
     # A named cursor is a server-side cursor: rows arrive FETCH_ROWS at a time instead of all at once.
     with conn.cursor(name=f"collect_{os.getpid()}") as stream, atomic_write(out_file) as fh:
         stream.itersize = FETCH_ROWS
-        stream.execute(_SELECT_WINDOW, {"use_case": use_case, **window})
+        stream.execute(_select_window(tenant_column), {"use_case": use_case, **window})
         chunks = iter(lambda: stream.fetchmany(FETCH_ROWS), [])
         for text, n, skip, pii in _format_chunks(chunks, train_cut, val_cut, workers, pii):
             fh.write(text)
@@ -281,8 +310,8 @@ def collect_examples(
         if not replay:
             cur.execute(
                 "INSERT INTO collection_runs (use_case, run_id, from_created_at, from_id, to_created_at, to_id, "
-                "from_updated_at, to_updated_at, rows_collected, rows_skipped) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (use_case, run_id) DO NOTHING",
+                "from_updated_at, to_updated_at, rows_collected, rows_skipped, data_interval_start, data_interval_end) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (use_case, run_id) DO NOTHING",
                 (
                     use_case,
                     run_id,
@@ -294,6 +323,8 @@ def collect_examples(
                     window["to_ts"],
                     written,
                     json.dumps(dict(skipped)),
+                    window["interval_start"],
+                    window["interval_end"],
                 ),
             )
             # Forward only: a watermark already at or past this window (another run) stays where it is.
@@ -308,6 +339,9 @@ def collect_examples(
     conn.commit()
 
     seconds = time.monotonic() - started
+    if window["interval_end"] is not None:
+        log.info("collection bounded by the run's data interval: rows changed before %s (later ones stay for the "
+                 "next run)", _iso(window["interval_end"]))
     result = {
         "rows": written,
         "skipped": dict(skipped),
@@ -316,6 +350,10 @@ def collect_examples(
         "window": {
             "from_updated_at": _iso(window["from_ts"]), "from_id": window["from_id"],
             "to_updated_at": _iso(window["to_ts"]), "to_id": window["to_id"],
+            # Rows changed at or after this were left for the next run (None: a manual run, up to now).
+            "before": _iso(window["interval_end"]),
+            "data_interval_start": _iso(window["interval_start"]),
+            "data_interval_end": _iso(window["interval_end"]),
         },
         "seconds": round(seconds, 2),
         "file": str(out_file),

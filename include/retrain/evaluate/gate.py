@@ -13,7 +13,9 @@ from typing import Any
 
 from retrain.schemas.use_case import UseCase
 
-BASELINE_KINDS = ("production", "base_model")
+# base_model: the untuned base model (prompted with the labels since retrain.evaluate.baseline; older metrics have
+# no "baselines" entry and mean the base model with the candidate's prompt). base_model_prompted: an alias.
+BASELINE_KINDS = ("production", "base_model", "base_model_prompted")
 SIGNIFICANCE_ALPHA = 0.05
 
 
@@ -73,7 +75,12 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str, overrides: list
     base, cand = _metric(comparison, "primary_score")
     if cand is None or base is None:
         raise ValueError("the comparison has no primary score for one of the models; re-run the evaluation")
-    base_name = "production model" if baseline_kind == "production" else "base model"
+    baselines = comparison.get("baselines") or {}
+    prompted = baselines.get("base_model_prompted")
+    if baseline_kind == "production":
+        base_name = "production model"
+    else:
+        base_name = "prompted base model" if prompted or baseline_kind == "base_model_prompted" else "base model"
     checks = []
 
     min_score = float(getattr(th, "min_score", 0.85))
@@ -157,6 +164,8 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str, overrides: list
     failed = [c for c in checks if c["required"] and not c["passed"]]
     decision = "GO" if not failed else "NO-GO"
     head = f"{primary} accuracy {cand:.3f} vs {base:.3f} ({base_name})"
+    if baseline_kind == "production" and prompted:
+        head += f", prompted base model {prompted['primary_score']:.3f}"
     if failed:
         summary = f"NO-GO: {head}; failed {', '.join(c['name'] for c in failed)} — {failed[0]['reason']}"
     else:
@@ -172,6 +181,8 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str, overrides: list
         "baseline_kind": baseline_kind,
         "baseline_score": base,
         "candidate_score": cand,
+        "base_model_prompted_score": prompted["primary_score"] if prompted else None,
+        "baselines": baselines_line(baselines),
         "checks": checks,
         "failed": [c["name"] for c in failed],
         "summary": summary,
@@ -180,11 +191,24 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str, overrides: list
     }
 
 
+def baselines_line(baselines: dict) -> str | None:
+    """Both baselines and the candidate's relative gain over each, on one line (None without them)."""
+    parts = []
+    for kind, title in (("base_model_prompted", "prompted base model"), ("production", "production model")):
+        b = baselines.get(kind)
+        if not b:
+            continue
+        gain = "undefined (it scored 0)" if b.get("relative_gain") is None else _pct(b["relative_gain"])
+        parts.append(f"{title} {b['primary_score']:.3f} (candidate {gain})")
+    return "baselines: " + "; ".join(parts) if parts else None
+
+
 def decision_text(decision: dict) -> str:
     """One screen of plain text for the Airflow task log and the run note."""
     lines = [
         f"{decision['decision']} — {decision.get('use_case', '')} (baseline: {decision.get('baseline_kind')})",
         decision["summary"],
+        *([decision["baselines"]] if decision.get("baselines") else []),
         "",
     ]
     for c in decision["checks"]:

@@ -11,8 +11,9 @@ character-level cursor; a token the schema forbids is masked and the next most l
 tokens ranked above the chosen one are touched, so a model that already follows the schema decodes exactly as
 without the guide. The cursor accepts a prefix only while it can still be completed into a valid answer (no dead
 end, where no token could continue the row and the guide would have to let it go), so every answer that closes
-is schema-valid. What it enforces, once the first ``{`` is written (text before it is free, as the stop rule
-already treats it):
+is schema-valid. With ``from_first_token`` (what the evaluation engine uses) the first token must open the object
+(``{``, no prose or end of sequence before it); without it, text before the first ``{`` is free, as the stop rule
+treats it. What it enforces once the object is open:
 
 * JSON syntax (strings, numbers, literals, objects, arrays); no end-of-sequence token inside the object;
 * strings by their DECODED value: escapes are decoded as they are written and a partial one (``\\``,
@@ -669,8 +670,12 @@ def schema_guard_class():
     class SchemaGuard(LogitsProcessor):
         """Masks, per row, the tokens ranked above the most likely token the schema allows (greedy decoding)."""
 
-        def __init__(self, schema: dict, token_text, prompt_len: int, batch_size: int, eos_ids):
+        def __init__(self, schema: dict, token_text, prompt_len: int, batch_size: int, eos_ids, *,
+                     from_first_token: bool = False):
             self.token_text = token_text
+            # From the first token: the answer must open with '{' (no prose, no end of sequence before it), as a
+            # serving stack's JSON-schema output does; otherwise text before the object is left to the model.
+            self.from_first_token = from_first_token
             memo: dict = {}  # the schema's per-part rules, computed once for the batch
             self.cursors = [SchemaCursor(schema, memo) for _ in range(batch_size)]
             self.seen = prompt_len
@@ -680,8 +685,11 @@ def schema_guard_class():
 
         def _allows(self, cursor: SchemaCursor, token: int) -> bool:
             if token in self.eos:
-                return cursor.free
-            return cursor.clone().feed(self.token_text(token))
+                return cursor.free and (cursor.started or not self.from_first_token)
+            text = self.token_text(token)
+            if self.from_first_token and not cursor.started and not text.startswith("{"):
+                return False
+            return cursor.clone().feed(text)
 
         def __call__(self, input_ids, scores):
             import torch
@@ -702,7 +710,7 @@ def schema_guard_class():
                     continue
                 # Greedy's order: by score, ties to the lower id (argmax takes the first maximal value).
                 ranked = [t for _, t in sorted(zip(values[b], indices[b]), key=lambda p: (-p[0], p[1]))]
-                if not cursor.started and "{" not in self.token_text(ranked[0]):
+                if not cursor.started and not self.from_first_token and "{" not in self.token_text(ranked[0]):
                     continue  # prose before the object is free (end of sequence included)
                 chosen = next((t for t in ranked if self._allows(cursor, t)), None)
                 if chosen is None:

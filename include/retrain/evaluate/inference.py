@@ -391,7 +391,10 @@ class HFEngine:
 
             from retrain.evaluate.guided import schema_guard_class
 
-            guard = schema_guard_class()(self.schema, self._token_text, total, len(batch), self.eos_ids)
+            # From the first token, as Ollama's format / vLLM's guided decoding serve JSON: an untuned base model that
+            # would open with prose ("Sure! Here is...") answers with the object like the candidate does.
+            guard = schema_guard_class()(self.schema, self._token_text, total, len(batch), self.eos_ids,
+                                         from_first_token=True)
             kwargs["logits_processor"] = LogitsProcessorList([guard])
         with torch.inference_mode():
             if prefix:

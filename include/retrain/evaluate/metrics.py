@@ -532,6 +532,38 @@ def compare(uc: UseCase, baseline: dict, candidate: dict, *, n_resamples: int = 
     }
 
 
+def _baseline_summary(agg: dict, cand_agg: dict, label: str | None) -> dict:
+    base, cand = agg["primary_score"], cand_agg["primary_score"]
+    return {"label": label, "primary_score": base, "json_validity": agg["json_validity"],
+            "schema_validity": agg["schema_validity"], "exact_match": agg["exact_match"],
+            "delta": cand - base, "relative_gain": (cand - base) / base if base else None}
+
+
+def add_baselines(comparison: dict, candidate: dict, prompted: dict, production: dict | None = None, *,
+                  labels: dict | None = None) -> dict:
+    """Name both baselines in a comparison (``compare``'s output, made against the gate's reference: production
+    when it exists, else the prompted base model). Adds, per headline metric, the prompted base model's value
+    (``base_model_prompted``) and the production model's (``production``, when one exists), and
+    ``comparison["baselines"]``: each baseline's headline scores and the candidate's gain over it. Existing keys keep
+    their meaning: ``baseline`` is the reference."""
+    labels = labels or {}
+    cand_agg = candidate["aggregate"]
+    heads = {"base_model_prompted": _headline(prompted["aggregate"])}
+    if production is not None:
+        heads["production"] = _headline(production["aggregate"])
+    for name, m in comparison["metrics"].items():
+        for kind, head in heads.items():
+            m[kind] = head.get(name)
+    comparison["baseline_kind"] = "production" if production is not None else "base_model"
+    comparison["reference"] = "production" if production is not None else "base_model_prompted"
+    comparison["baselines"] = {
+        "base_model_prompted": _baseline_summary(prompted["aggregate"], cand_agg, labels.get("base_model_prompted")),
+        "production": (_baseline_summary(production["aggregate"], cand_agg, labels.get("production"))
+                       if production is not None else None),
+    }
+    return comparison
+
+
 # --- run-directory helpers -------------------------------------------------------------------------
 
 
@@ -557,11 +589,15 @@ def load_test_set(uc: UseCase, path: str | Path) -> tuple[list[str], list[dict]]
     return inputs, references
 
 
-def write_metrics(run_dir: str | Path, baseline: dict, candidate: dict, comparison: dict) -> Path:
-    """run_dir/evaluation/metrics.json: both score outputs (with per-example rows) and the comparison."""
+def write_metrics(run_dir: str | Path, baseline: dict, candidate: dict, comparison: dict, *,
+                  base_model_prompted: dict | None = None) -> Path:
+    """run_dir/evaluation/metrics.json: the score outputs (with per-example rows) and the comparison.
+
+    ``baseline`` is the gate's reference (production, or the prompted base model on a first run);
+    ``base_model_prompted`` the prompted base model's scores (the same as ``baseline`` on a first run)."""
     from retrain.rundir import RunDir, write_json
 
-    return write_json(
-        RunDir(run_dir).metrics,
-        {"baseline": baseline, "candidate": candidate, "comparison": comparison},
-    )
+    data = {"baseline": baseline, "candidate": candidate, "comparison": comparison}
+    if base_model_prompted is not None:
+        data["base_model_prompted"] = base_model_prompted
+    return write_json(RunDir(run_dir).metrics, data)

@@ -67,16 +67,25 @@ def _plot_confusion(path: Path, confusion: dict, title: str) -> Path:
     return path
 
 
-def _bar_values(comparison: dict) -> list[tuple[str, float, float]]:
+def _three_models(comparison: dict) -> bool:
+    """Whether a production model and the prompted base model were both scored (else one baseline column)."""
+    baselines = comparison.get("baselines") or {}
+    return bool(baselines.get("production") and baselines.get("base_model_prompted"))
+
+
+def _bar_values(comparison: dict) -> list[tuple[str, float, float, float | None]]:
+    """(label, baseline, candidate, prompted base model or None) per plotted metric."""
     metrics = comparison["metrics"]
+    third = _three_models(comparison)
     out = []
     for key, label in _BAR_METRICS:
         m = metrics.get(key)
         if m and m["baseline"] is not None and m["candidate"] is not None:
-            out.append((label, m["baseline"], m["candidate"]))
+            out.append((label, m["baseline"], m["candidate"], m.get("base_model_prompted") if third else None))
     for key, m in metrics.items():
         if key.startswith("set_jaccard:") and m["baseline"] is not None:
-            out.append((f"{key.split(':', 1)[1]} Jaccard", m["baseline"], m["candidate"]))
+            out.append((f"{key.split(':', 1)[1]} Jaccard", m["baseline"], m["candidate"],
+                        m.get("base_model_prompted") if third else None))
     return out
 
 
@@ -85,15 +94,23 @@ def _plot_bars(path: Path, comparison: dict, names: dict) -> Path:
     fig = _figure(7, 0.45 * len(values) + 1.5)
     ax = fig.add_subplot()
     ys = range(len(values))
-    ax.barh([y + 0.2 for y in ys], [v[1] for v in values], height=0.4, label=names["baseline"], color="#9aa5b1")
-    ax.barh([y - 0.2 for y in ys], [v[2] for v in values], height=0.4, label=names["candidate"], color="#2f6fde")
+    if _three_models(comparison):
+        ax.barh([y + 0.27 for y in ys], [v[3] or 0.0 for v in values], height=0.27,
+                label=names.get("base_model_prompted", "prompted base model"), color="#d9e2ec")
+        ax.barh(list(ys), [v[1] for v in values], height=0.27, label=names["baseline"], color="#9aa5b1")
+        ax.barh([y - 0.27 for y in ys], [v[2] for v in values], height=0.27, label=names["candidate"],
+                color="#2f6fde")
+    else:
+        ax.barh([y + 0.2 for y in ys], [v[1] for v in values], height=0.4, label=names["baseline"], color="#9aa5b1")
+        ax.barh([y - 0.2 for y in ys], [v[2] for v in values], height=0.4, label=names["candidate"], color="#2f6fde")
     ax.set_yticks(list(ys), [v[0] for v in values], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("score (higher is better)")
     # Below the axes: inside, it would hide the bars that reach 1.0.
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
-    ax.set_title("baseline vs candidate", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3 if _three_models(comparison) else 2,
+              frameon=False)
+    ax.set_title("baselines vs candidate" if _three_models(comparison) else "baseline vs candidate", fontsize=10)
     fig.savefig(path, format="png")
     return path
 
@@ -192,7 +209,18 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return str(value)
 
 
+def _metric_header(comparison: dict, names: dict) -> list[str]:
+    head = ["metric"] + (["prompted base model"] if _three_models(comparison) else [])
+    return head + [_column(names["baseline"]), "candidate", "delta", "relative"]
+
+
+def _column(label: str) -> str:
+    """'baseline (production v2: v2)' -> 'baseline (production v2)': the table header stays short."""
+    return label.split(":")[0] + (")" if "(" in label and ":" in label else "")
+
+
 def _metric_rows(comparison: dict) -> list[list[str]]:
+    third = _three_models(comparison)
     rows = []
     for name, m in comparison["metrics"].items():
         pct = not (name.startswith("latency") or name in ("throughput", "hallucinated_entities"))
@@ -205,9 +233,40 @@ def _metric_rows(comparison: dict) -> list[list[str]]:
         else:
             d = f"{delta:+.3f}{unit}"
         rel = f"{m['relative'] * 100:+.1f}%" if m["relative"] is not None else ""
-        rows.append([name, _fmt(m["baseline"], pct) + ("" if pct or m["baseline"] is None else unit),
-                     _fmt(m["candidate"], pct) + ("" if pct or m["candidate"] is None else unit), d, rel])
+        def shown(value):
+            return _fmt(value, pct) + ("" if pct or value is None else unit)
+
+        rows.append([name, *([shown(m.get("base_model_prompted"))] if third else []), shown(m["baseline"]),
+                     shown(m["candidate"]), d, rel])
     return rows
+
+
+def _baseline_rows(comparison: dict, names: dict) -> list[list[str]]:
+    """One row per baseline: its headline scores and the candidate's gain over it."""
+    rows = []
+    for kind, default in (("base_model_prompted", "prompted base model"), ("production", "production model")):
+        b = (comparison.get("baselines") or {}).get(kind)
+        if not b:
+            continue
+        ref = comparison.get("reference") == kind
+        rows.append([b.get("label") or names.get(kind) or default, "yes" if ref else "no",
+                     _fmt(b["primary_score"]), _fmt(b["json_validity"], True), _fmt(b["schema_validity"], True),
+                     f"{b['delta']:+.3f}", "undefined (0 baseline)" if b["relative_gain"] is None
+                     else f"{b['relative_gain'] * 100:+.1f}%"])
+    return rows
+
+
+_BASELINE_HEADER = ["baseline", "gate reference", "primary score", "JSON validity", "schema validity",
+                    "candidate delta", "candidate relative gain"]
+
+
+def _baselines_line(comparison: dict, names: dict) -> str:
+    """Who was scored: the baselines (or the one baseline of an older run) and the candidate."""
+    rows = _baseline_rows(comparison, names)
+    if not rows:
+        return f"Baseline: {names['baseline']}"
+    return "Baselines: " + " · ".join(f"{r[0]} {r[2]}" + (" (gate reference)" if r[1] == "yes" else "")
+                                      for r in rows)
 
 
 def _per_class_rows(uc: UseCase, baseline_scores: dict, candidate_scores: dict) -> list[list[str]]:
@@ -293,6 +352,24 @@ def _overrides_html(decision: dict) -> str:
     return f'<h2>Gate overrides</h2><ul class="fail">{items}</ul>\n' if items else ""
 
 
+_BASELINES_NOTE = ("The prompted base model is the untuned base model told every label (evaluation.baseline_prompt, "
+                   "or one generated from output_schema) and decoded under the schema from the first token; the "
+                   "gate's relative-gain rule uses the production model when one exists, else this one.")
+
+
+def _baselines_html(comparison: dict, names: dict) -> str:
+    rows = _baseline_rows(comparison, names)
+    if not rows:
+        return ""
+    return (f"<h2>Baselines</h2>\n{_table(_BASELINE_HEADER, rows, numeric_from=2)}\n"
+            f"<p class=muted>{html.escape(_BASELINES_NOTE)}</p>\n")
+
+
+def _baselines_md(comparison: dict, names: dict) -> list[str]:
+    rows = _baseline_rows(comparison, names)
+    return ["## Baselines", "", _md_table(_BASELINE_HEADER, rows), "", _BASELINES_NOTE, ""] if rows else []
+
+
 def _overrides_md(decision: dict) -> list[str]:
     notes = [f"- {override_note(o)}" for o in decision.get("overrides") or []]
     return ["## Gate overrides", "", *notes, ""] if notes else []
@@ -325,13 +402,13 @@ def _html(uc, comparison, decision, baseline_scores, candidate_scores, names, pl
 <style>{_CSS}</style></head><body>
 <h1>{e(uc.name)} — evaluation report <span class="badge {e(d)}">{e(d)}</span></h1>
 <p>{e(decision['summary'])}</p>
-<p class=muted>Baseline: {e(names['baseline'])} ({e(decision.get('baseline_kind', ''))}) · Candidate:
+<p class=muted>{e(_baselines_line(comparison, names))} ({e(decision.get('baseline_kind', ''))}) · Candidate:
 {e(names['candidate'])} · {n_cand} test examples · primary label <code>{e(uc.primary_label)}</code></p>
 {_overrides_html(decision)}<h2>Decision checks</h2>
 <table><tr><th>check</th><th>result</th><th>kind</th><th>value</th><th>threshold</th><th>reason</th></tr>{checks}</table>
-<h2>Significance</h2><p>{e(_significance_line(comparison))}</p>
+{_baselines_html(comparison, names)}<h2>Significance</h2><p>{e(_significance_line(comparison))}</p>
 <h2>Metrics</h2>
-{_table(["metric", "baseline", "candidate", "delta", "relative"], _metric_rows(comparison))}
+{_table(_metric_header(comparison, names), _metric_rows(comparison))}
 {_img(plots["bars"], "baseline vs candidate metrics")}
 <h2>Confusion matrix: {e(uc.primary_label)}</h2>
 {_img(plots["confusion_candidate"], "candidate confusion matrix")}
@@ -374,7 +451,7 @@ def _markdown(uc, comparison, decision, baseline_scores, candidate_scores, names
         "",
         decision["summary"],
         "",
-        f"Baseline: {names['baseline']} ({decision.get('baseline_kind', '')}) · Candidate: {names['candidate']} · "
+        f"{_baselines_line(comparison, names)} ({decision.get('baseline_kind', '')}) · Candidate: {names['candidate']} · "
         f"{len(candidate_scores['per_example'])} test examples · primary label `{uc.primary_label}`",
         "",
         *_overrides_md(decision),
@@ -382,13 +459,14 @@ def _markdown(uc, comparison, decision, baseline_scores, candidate_scores, names
         "",
         _md_table(["check", "result", "value", "threshold", "reason"], checks),
         "",
+        *_baselines_md(comparison, names),
         "## Significance",
         "",
         _significance_line(comparison),
         "",
         "## Metrics",
         "",
-        _md_table(["metric", "baseline", "candidate", "delta", "relative"], _metric_rows(comparison)),
+        _md_table(_metric_header(comparison, names), _metric_rows(comparison)),
         "",
         f"![baseline vs candidate]({plots['bars'].name})",
         "",
@@ -493,6 +571,7 @@ def decide_run(run_dir: str | Path, uc: UseCase, *, baseline_kind: str, labels: 
         "baseline_kind": baseline_kind,
         "candidate_score": decision["candidate_score"],
         "baseline_score": decision["baseline_score"],
+        "base_model_prompted_score": decision.get("base_model_prompted_score"),
         "decision_path": str(rd.decision),
         "decision_record": decision,
         "report_html": report["html"],

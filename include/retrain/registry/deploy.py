@@ -53,6 +53,12 @@ def production_link(use_case: str) -> Path:
     return use_case_models_dir(use_case) / "production"
 
 
+def _publishable(path: Path) -> bool:
+    """A saved model (config.json), or a tenant's export: adapter/ + Modelfile (retrain.registry.tenants)."""
+    return (path / "config.json").is_file() or (
+        (path / "adapter" / "adapter_config.json").is_file() and (path / "Modelfile").is_file())
+
+
 def _read_source(path: Path) -> dict | None:
     try:
         return json.loads((path / SOURCE_FILE).read_text())
@@ -67,7 +73,7 @@ def _same_source(marker: dict | None, source: Path, run_id: str | None) -> bool:
 def stage_version(use_case: str, version: int, merged_dir: str | Path, *, run_id: str | None = None) -> dict:
     """Copy a merged model into versions/v<N> (atomically: a crash never leaves a half-copied version dir)."""
     src = Path(merged_dir).expanduser().resolve()
-    if not (src / "config.json").is_file():
+    if not _publishable(src):
         raise DeployError(
             f"cannot deploy {use_case} v{version}: {src} is not a saved model (no config.json). The training run's "
             f"merged model is gone or incomplete; re-run train_candidate, or roll back to a version still on disk."
@@ -136,7 +142,7 @@ def switch_production(use_case: str, version: int) -> dict:
     """Point the production alias at versions/v<N> (already staged). A no-op when it already does."""
     link = production_link(use_case)
     target = f"versions/v{int(version)}"  # relative, so the model store can be moved or mounted elsewhere
-    if not (link.parent / target / "config.json").is_file():
+    if not _publishable(link.parent / target):
         raise DeployError(f"{link.parent / target} is not staged: call stage_version (or deploy) first")
     previous = _current_target(link)
     switched = previous != target
@@ -154,7 +160,7 @@ def model_path(row: dict) -> str:
     src = Path(row["artifact"]).expanduser().resolve()
     if _same_source(_read_source(deployed), src, row.get("run_id")):
         return str(deployed)
-    if (src / "config.json").is_file():
+    if _publishable(src):
         return str(src)
     raise DeployError(
         f"{row['use_case']} v{row['version']} has no model files: neither {deployed} nor {src} holds it. "

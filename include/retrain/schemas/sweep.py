@@ -176,8 +176,10 @@ def check_sweep_cost(estimates: dict[str, float], max_cost_usd: float) -> float:
     total = round(sum(estimates.values()), 4)
     if total > max_cost_usd:
         each = ", ".join(f"{name} ${usd:.4f}" for name, usd in estimates.items())
+        # Cents hide a small limit ($0.0001 is not $0.00): four decimals below a dollar.
+        limit = f"{max_cost_usd:.2f}" if max_cost_usd >= 1 else f"{max_cost_usd:.4f}"
         raise SweepError(
             f"refusing to start the sweep's OpenAI fine-tuning jobs: the estimated costs sum to ${total:.4f}, over "
-            f"the limit max_cost_usd=${max_cost_usd:.2f} ({each}). Raise max_cost_usd, or sweep fewer candidates "
+            f"the limit max_cost_usd=${limit} ({each}). Raise max_cost_usd, or sweep fewer candidates "
             f"(the sweep Param) or fewer epochs")
     return total

@@ -21,7 +21,9 @@ from retrain.schemas.base import (  # noqa: F401 - ConfigError, Thresholds, Limi
     _format_validation_error,
     _Strict,
 )
+from retrain.schemas.generation import GenerationGate, JudgeConfig, OutputSpec, TenantRules
 from retrain.schemas.pii import PiiConfig
+from retrain.schemas.review import ReviewConfig
 from retrain.schemas.sweep import SweepConfig
 from retrain.schemas.training import TrainingSpec  # pydantic only: safe at DAG parse time
 from retrain.settings import use_cases_dir
@@ -167,6 +169,13 @@ class EvaluationConfig(_Strict):
         default_factory=list, description="gold output fields (dotted paths) whose values slice the test set in the "
                                           "report, besides input language and length; the gate's "
                                           "max_slice_regression applies to every slice of 5+ examples")
+    baseline_prompt: str | None = Field(
+        None, min_length=10, description="system prompt of the prompted zero-shot baseline (the untuned base model, "
+                                         "scored next to the candidate); unset: generated from output_schema, every "
+                                         "field with its allowed values (retrain.evaluate.baseline)")
+    judge: JudgeConfig | None = Field(
+        None, description="kind generation: an OpenAI-compatible LLM judge comparing candidate and baseline replies "
+                          "pairwise (retrain.schemas.generation.JudgeConfig); null = no judge")
 
 
 class FieldRoles(_Strict):
@@ -180,11 +189,19 @@ class FieldRoles(_Strict):
 
 class UseCase(_Strict):
     name: str
+    kind: Literal["structured", "generation"] = Field(
+        "structured", description="structured: a JSON answer under output_schema, scored per field; generation: "
+                                  "free text (output.type: text), one adapter per tenant (retrain.schemas.generation)")
     description: str
     system_prompt: str = Field(min_length=10)
     input_template: str = Field(description="user message; must contain {input}")
-    output_schema: dict[str, Any]
-    fields: FieldRoles
+    output_schema: dict[str, Any] | None = Field(None, description="kind structured (required): the answer's JSON "
+                                                                   "Schema")
+    fields: FieldRoles | None = Field(None, description="kind structured (required): which fields are scored how")
+    output: OutputSpec = OutputSpec()
+    tenants: TenantRules | None = Field(None, description="kind generation (required): the tenant column and the "
+                                                          "examples a tenant needs")
+    generation_gate: GenerationGate = GenerationGate()
     thresholds: Thresholds = Thresholds()
     data: DataRules = DataRules()
     training: TrainingConfig = TrainingConfig()
@@ -194,6 +211,9 @@ class UseCase(_Strict):
     sweep: SweepConfig | None = Field(
         None, description="hyper-parameter sweep (retrain.schemas.sweep); runs only when the sweep Param asks")
     limits: Limits = Limits()
+    review: ReviewConfig = Field(
+        ReviewConfig(), description="active learning: hard production examples queued for human review after "
+                                    "each evaluation (retrain.schemas.review)")
     approval: Literal["required", "none"] = Field(
         "none", description="required: a GO candidate waits for a human Deploy/Reject in Airflow (task "
                             "approve_deployment) before deploy_model; none: GO deploys at once")
@@ -218,7 +238,9 @@ class UseCase(_Strict):
 
     @field_validator("output_schema")
     @classmethod
-    def _schema(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v  # required or forbidden by kind: _fits_kind says which
         import jsonschema
 
         try:
@@ -228,6 +250,39 @@ class UseCase(_Strict):
         if v.get("type") != "object":
             raise ValueError("must describe a JSON object (type: object)")
         return v
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> UseCase:
+        # Runs before the validators below, which assume a structured use case has its schema and fields.
+        if self.kind == "structured":
+            for name in ("output_schema", "fields"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: required for kind structured (the JSON answer and how its fields "
+                                     f"are scored); add it, or set kind: generation for a free-text use case")
+            if self.output.type != "json":
+                raise ValueError(f"output.type: '{self.output.type}' needs kind: generation (kind structured answers "
+                                 "JSON): set output.type: json or kind: generation")
+            if self.tenants is not None:
+                raise ValueError("tenants: only kind generation trains one adapter per tenant; remove tenants: or "
+                                 "set kind: generation")
+            if self.evaluation.judge is not None:
+                raise ValueError("evaluation.judge: the LLM judge compares free-text replies (kind generation); "
+                                 "remove it or set kind: generation")
+            return self
+        if self.output.type != "text":
+            raise ValueError(f"output.type: kind generation answers free text, got '{self.output.type}': set "
+                             "output: {type: text, max_tokens: ...}")
+        for name in ("output_schema", "fields"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: not used by kind generation (the answer is free text, scored by "
+                                 f"generation_gate): remove it, or set kind: structured")
+        if self.tenants is None:
+            raise ValueError("tenants: required for kind generation (one adapter per tenant): add e.g. tenants: "
+                             "{column: tenant, min_examples: 50}")
+        if self.evaluation.slices:
+            raise ValueError("evaluation.slices: slices are output_schema fields, which kind generation has none "
+                             "of: remove them")
+        return self
 
     @model_validator(mode="after")
     def _within_limits(self) -> UseCase:
@@ -242,6 +297,8 @@ class UseCase(_Strict):
 
     @model_validator(mode="after")
     def _fields_exist(self) -> UseCase:
+        if self.fields is None:  # kind generation (_fits_kind checked it)
+            return self
         for path in self.evaluation.slices:
             if self.schema_at(path) is None:
                 raise ValueError(f"evaluation.slices: '{path}' is not a property of output_schema")
@@ -258,6 +315,10 @@ class UseCase(_Strict):
             raise ValueError(f"fields.primary: '{self.fields.primary}' must be one of fields.labels")
         return self
 
+    @property
+    def is_generation(self) -> bool:
+        return self.kind == "generation"
+
     def schema_at(self, dotted: str) -> dict[str, Any] | None:
         node: dict[str, Any] | None = self.output_schema
         for part in dotted.split("."):
@@ -267,11 +328,15 @@ class UseCase(_Strict):
         return node
 
     @property
-    def primary_label(self) -> str:
+    def primary_label(self) -> str | None:
+        if self.fields is None:
+            return None  # kind generation: no label fields
         return self.fields.primary or self.fields.labels[0]
 
     @cached_property
     def allowed_labels(self) -> dict[str, list[Any]]:
+        if self.fields is None:
+            return {}
         return {path: list(self.schema_at(path)["enum"]) for path in self.fields.labels}  # type: ignore[index]
 
     def render_input(self, text: str) -> str:

@@ -4,9 +4,11 @@ This is what the Airflow ``train_candidate`` task calls (on ``queue="gpu"``, ``p
 out of process so that GPU memory is returned to the worker when it exits (there is no reliable way to free
 it inside a long-lived Python process), a native crash (CUDA, bitsandbytes) fails the task instead of the
 worker, and several GPUs can be used through ``accelerate launch``. Killing the task kills the trainer; the
-next try resumes from the newest complete checkpoint in ``run_dir/candidate/checkpoints``. When S3 is configured,
-each checkpoint is also mirrored there, encrypted, by a background thread of this process
-(``retrain.train.mirror``), and a try on another worker whose disk lacks it resumes from the mirrored copy.
+next try resumes from the newest complete checkpoint in ``run_dir/candidate/checkpoints`` (or, with
+RETRAIN_CHECKPOINT_SCRATCH set, in ``<scratch>/<use case>/<run>/checkpoints`` on the worker's own disk: see
+``RunDir.checkpoints``). When S3 is configured, each checkpoint is also mirrored there, encrypted, by a background
+thread of this process (``retrain.train.mirror``), and a try on another worker whose disk lacks it resumes from the
+mirrored copy.
 
 Only the standard library and pydantic are imported here (plus retrain.settings / retrain.rundir, which import
 nothing else): DAG files import this module. Nothing here touches TRL or transformers: the trainer process
@@ -166,6 +168,8 @@ def train_qlora(run_dir: str, *, extra_overrides: dict | None = None) -> dict:
             log.info("training already finished for these settings: reusing %s", result_path)
             return previous
     out.mkdir(parents=True, exist_ok=True)
+    if settings.checkpoint_scratch() is not None:
+        log.info("checkpoints on this worker's own disk (RETRAIN_CHECKPOINT_SCRATCH): %s", run.checkpoints)
     mirror = _start_mirror(run, uc.name, meta, spec, fingerprint)
 
     cmd, processes = trainer_command(run_dir_path, extra_overrides)

@@ -21,7 +21,8 @@ Airflow task's process, where the ``retrain_s3`` and ``retrain_backup_key`` conn
   checkpoint_mirror.json`` (``RunDir.checkpoint_mirror``).
 - **restore**: before the trainer starts, if the mirror holds a newer checkpoint than the local disk for the same
   fingerprint (settings, base model, data), it is downloaded, authenticated chunk by chunk, checked file by file
-  and renamed into ``candidate/checkpoints/``; the trainer then resumes from it as from a local one.
+  and renamed into the local checkpoints directory (``RunDir.checkpoints``: ``candidate/checkpoints/``, or the
+  worker's own ``RETRAIN_CHECKPOINT_SCRATCH``); the trainer then resumes from it as from a local one.
 
 Mirroring never fails a training run: S3 not configured, no backup key or ``RETRAIN_CHECKPOINT_MIRROR=off`` is
 one log line; an upload or prune error is a WARNING, and the next save tries again.
@@ -574,8 +575,9 @@ class CheckpointMirror:
                     log.warning("checkpoint mirror: the best checkpoint %s could not be restored (%s)", best, _why(exc))
             if not self.run.fingerprint.is_file():
                 write_json(self.run.fingerprint, self.fingerprint)
-            log.info("checkpoint mirror: resuming from mirrored checkpoint-%d (downloaded, decrypted and verified "
-                     "in %.1f s)", step, seconds)
+            log.info("checkpoint mirror: resuming from mirrored checkpoint-%d, restored from s3://%s/%s/ into %s "
+                     "(downloaded, decrypted and verified in %.1f s)", step, self.bucket, self.base, path.parent,
+                     seconds)
             with self._lock:
                 rec = self._read_record()
                 # Mirrored already: a failure before the next save must not upload (and briefly unpublish) it again.

@@ -28,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from retrain.data.synthetic.email_intel import email_intel_row, email_intel_wrong
+from retrain.data.synthetic.email_voice import rows_for_total as email_voice_rows
 from retrain.data.synthetic.hr_leave import HR_POLICY, hr_decision, hr_leave_row, hr_leave_wrong
 from retrain.data.synthetic.pii import pick
 from retrain.data.synthetic.product_intent import product_intent_row, product_intent_wrong
@@ -62,8 +63,12 @@ _BUILDERS: dict[str, tuple[Callable, Callable, str, tuple[Any, ...]]] = {
 }
 
 
+# Generation use cases (free-text output, one tenant per row): name -> rows_for_total(n, seed, dirty=, start=).
+_TEXT_BUILDERS: dict[str, Callable[..., list[dict]]] = {"email_voice": email_voice_rows}
+
+
 def supported_use_cases() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted([*_BUILDERS, *_TEXT_BUILDERS])
 
 
 def _builder(name: str):
@@ -116,6 +121,9 @@ def generate_rows(uc: UseCase, n: int, *, seed: int = 0, dirty: float = 0.01,
     if not 0.0 <= dirty <= 1.0:
         raise ValueError(f"dirty must be a fraction between 0 and 1 (e.g. 0.01 for normal traffic, 0.3 for a "
                          f"dirty batch), got {dirty}")
+    if uc.name in _TEXT_BUILDERS:  # rows carry a "tenant"; see retrain.data.synthetic.email_voice
+        yield from _TEXT_BUILDERS[uc.name](n, seed, dirty=dirty, start=start)
+        return
     build, wrong_of, primary, unknown_values = _builder(uc.name)
     required = list(uc.output_schema.get("required", []))
     rng = random.Random(f"{uc.name}:{seed}")
@@ -196,6 +204,7 @@ def generate_rows(uc: UseCase, n: int, *, seed: int = 0, dirty: float = 0.01,
 # --- database ------------------------------------------------------------------------------------------
 _COPY_SQL = ("COPY production_examples (use_case, input, model_output, corrected_output, feedback, created_at) "
              "FROM STDIN")
+_COPY_SQL_TENANT = _COPY_SQL.replace("created_at)", "created_at, tenant)")
 
 
 def _copy_field(s: str | None) -> str:
@@ -209,7 +218,8 @@ def _copy_json(v: Any) -> str:
     return "\\N" if v is None else _copy_field(json.dumps(v, ensure_ascii=False))
 
 
-def insert_rows(conn, use_case: str, rows: Iterable[dict], batch_size: int = 10_000) -> int:
+def insert_rows(conn, use_case: str, rows: Iterable[dict], batch_size: int = 10_000, *,
+                with_tenant: bool = False) -> int:
     """Insert into production_examples with COPY FROM STDIN (psycopg2 conn.cursor().copy_expert), streaming in
     batches (bounded memory, must handle 1,000,000 rows); 'pii' key is not stored. Returns rows inserted.
 
@@ -226,7 +236,7 @@ def insert_rows(conn, use_case: str, rows: Iterable[dict], batch_size: int = 10_
 
     def flush(cur) -> None:
         buf.seek(0)
-        cur.copy_expert(_COPY_SQL, buf)
+        cur.copy_expert(_COPY_SQL_TENANT if with_tenant else _COPY_SQL, buf)
         buf.seek(0)
         buf.truncate()
 
@@ -237,7 +247,8 @@ def insert_rows(conn, use_case: str, rows: Iterable[dict], batch_size: int = 10_
                 if created.tzinfo is None:
                     created = created.replace(tzinfo=timezone.utc)
                 buf.write(f"{uc}\t{_copy_field(row['input'])}\t{_copy_json(row['model_output'])}\t"
-                          f"{_copy_json(row.get('corrected_output'))}\t{row['feedback']}\t{created.isoformat()}\n")
+                          f"{_copy_json(row.get('corrected_output'))}\t{row['feedback']}\t{created.isoformat()}"
+                          + (f"\t{_copy_field(row.get('tenant'))}\n" if with_tenant else "\n"))
                 pending += 1
                 if pending >= batch_size:
                     flush(cur)
@@ -271,6 +282,6 @@ def seed_examples(conn, uc: UseCase, rows: int, *, seed: int = 0, dirty: float =
                 broken += 1
             yield row
 
-    inserted = insert_rows(conn, uc.name, counted())
+    inserted = insert_rows(conn, uc.name, counted(), with_tenant=uc.name in _TEXT_BUILDERS)
     return {"use_case": uc.name, "inserted": inserted,
             "dirty_fraction": round(broken / inserted, 4) if inserted else 0.0}

@@ -6,6 +6,10 @@ dataset checks are imported inside the methods, which run on a worker.
 Flow: ``execute`` (worker, seconds) checks the dataset's format, gates on cost, uploads the files and creates
 or re-attaches to the job, then defers -> ``OpenAIFineTuneTrigger`` (triggerer, hours, no worker slot) ->
 ``execute_complete`` (worker, seconds) writes ``candidate/train_result.json`` and returns a small dict.
+
+Sweeps map it over the candidates (``.partial(...).expand(candidate=<plan_sweep's list>)``): each mapped task trains
+one candidate's sub-run directory (``retrain.sweep.plan``), whose run id (``<run>#sweep-c<i>``) keys its job, and
+returns the finished job merged into the candidate's dict, the shape ``retrain.sweep.select`` takes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class OpenAIFineTuneOperator(BaseOperator):
     """Fine-tune an OpenAI model on a run directory's train/val.jsonl; returns the fine-tuned model id.
 
     :param run_dir: the run directory (templated, e.g. ``"{{ ti.xcom_pull('prepare_run')['run_dir'] }}"``)
+    :param candidate: instead of ``run_dir``, a sweep candidate as ``retrain.sweep.plan`` returns it (the mapped
+        argument of a sweep): trains its sub-run directory ``candidate["run_dir"]``
     :param conn_id: Airflow connection: password = API key, extra ``{"base_url": ...}`` for an OpenAI-compatible
         server. When it does not exist, OPENAI_API_KEY / OPENAI_BASE_URL are used.
     :param max_cost_usd: refuse to start above this estimate (templated). None: the run's ``max_cost_usd``
@@ -43,7 +49,8 @@ class OpenAIFineTuneOperator(BaseOperator):
     def __init__(
         self,
         *,
-        run_dir: str,
+        run_dir: str | None = None,
+        candidate: dict | None = None,
         conn_id: str = "openai_default",
         max_cost_usd: float | str | None = None,
         model: str | None = None,
@@ -53,13 +60,19 @@ class OpenAIFineTuneOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if (run_dir is None) == (candidate is None):
+            raise ValueError("OpenAIFineTuneOperator: give run_dir (a run) or candidate (a sweep candidate), not both")
         self.run_dir = run_dir
+        self.candidate = candidate
         self.conn_id = conn_id
         self.max_cost_usd = max_cost_usd
         self.model = model
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
         self.job_timeout = job_timeout
+
+    def _run_dir(self) -> str:
+        return str(self.run_dir) if self.candidate is None else str(self.candidate["run_dir"])
 
     def _poll_interval(self) -> float:
         # Read on the worker at run time, not at parse time: the DAG file stays free of environment lookups.
@@ -76,7 +89,7 @@ class OpenAIFineTuneOperator(BaseOperator):
         from retrain.train.openai.trigger import OpenAIFineTuneTrigger
 
         try:
-            job = prepare_openai_job(str(self.run_dir), conn_id=self.conn_id, max_cost_usd=self.max_cost_usd,
+            job = prepare_openai_job(self._run_dir(), conn_id=self.conn_id, max_cost_usd=self.max_cost_usd,
                                      model=self.model or None)
         except (FormatCheckError, CostLimitExceeded) as exc:
             # The data or the budget must change first: retrying the task cannot help.
@@ -106,7 +119,7 @@ class OpenAIFineTuneOperator(BaseOperator):
         if not event:
             raise AirflowException("the trigger ended without an event; clear the task to re-attach to the job")
         try:
-            return finish_job(str(self.run_dir), event)
+            result = finish_job(self._run_dir(), event)
         except FineTuneJobFailed as exc:
             # OpenAI's own verdict (bad data, cancelled): a retry would pay for the same failure again.
             raise AirflowFailException(str(exc)) from None
@@ -114,15 +127,21 @@ class OpenAIFineTuneOperator(BaseOperator):
             if event.get("status") == "timeout":
                 raise AirflowFailException(str(exc)) from None
             raise AirflowException(str(exc)) from None  # polling refused (e.g. key rotated): a retry re-attaches
+        if self.candidate is None:
+            return result
+        # A sweep candidate: what retrain.sweep.select reads (no optimizer steps or eval loss: OpenAI trained it).
+        keep = ("name", "run_dir", "parent_run_dir", "values", "total_steps", "rung")
+        return {**{k: self.candidate.get(k) for k in keep}, **result, "steps": None, "steps_trained": None,
+                "eval_loss": None}
 
     def on_kill(self) -> None:
         """Killed while execute() ran (e.g. SIGTERM, execution_timeout): cancel the job if one exists already.
         While deferred, the trigger's on_kill does this instead."""
         from retrain.train.openai.job import cancel_job, recorded_job_id
 
-        job_id = recorded_job_id(Path(str(self.run_dir)))
+        job_id = recorded_job_id(Path(self._run_dir()))
         if not job_id:
-            self.log.info("on_kill: no OpenAI job recorded for %s, nothing to cancel", self.run_dir)
+            self.log.info("on_kill: no OpenAI job recorded for %s, nothing to cancel", self._run_dir())
             return
         try:
             outcome = cancel_job(job_id, conn_id=self.conn_id)
