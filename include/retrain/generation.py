@@ -32,7 +32,7 @@ from typing import Any
 from retrain import db
 from retrain.registry.runs import record_run_stage, timed_stage
 from retrain.registry.tenants import model_key
-from retrain.rundir import RunDir, atomic_write, read_json, write_json
+from retrain.rundir import RunDir, assistant_turns, atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +85,13 @@ def validate(run_dir: str | Path) -> dict:
 # --- plan -----------------------------------------------------------------------------------------------------
 
 
-def _answers(path: Path) -> list[str]:
-    """The assistant turns (the tenant's own e-mails) of one split file."""
-    out = []
-    if path.is_file():
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    messages = json.loads(line).get("messages") or []
-                    if messages and messages[-1].get("role") == "assistant":
-                        out.append(str(messages[-1].get("content", "")))
-    return out
-
-
 def _fit_classifier(rd: RunDir, tenants: list[str]) -> dict:
     """Fit the voice classifier on every tenant's training e-mails (needs two tenants or more); cached per run."""
     from retrain.evaluate.attribution import VoiceClassifier
 
     texts, labels = [], []
     for name in tenants:
-        for text in _answers(rd.tenant(name).split("train")):
+        for text in assistant_turns(rd.tenant(name).split("train")):
             texts.append(text)
             labels.append(name)
     if len(set(labels)) < 2:

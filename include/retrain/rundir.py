@@ -74,6 +74,20 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def assistant_turns(path: str | Path) -> list[str]:
+    """The assistant turns (the labelled answers) of a split file in chat ``messages`` format; [] if it is absent."""
+    out: list[str] = []
+    path = Path(path)
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    messages = json.loads(line).get("messages") or []
+                    if messages and messages[-1].get("role") == "assistant":
+                        out.append(str(messages[-1].get("content", "")))
+    return out
+
+
 def run_dir_name(run_id: str) -> str:
     # Airflow run ids contain ':' and '+' (scheduled__2026-11-01T03:00:00+00:00): keep paths portable.
     return _SAFE.sub("_", run_id)

@@ -17,7 +17,7 @@ from typing import Any
 
 from retrain import db
 from retrain.registry.runs import record_run_stage, timed_stage
-from retrain.rundir import RunDir, load_run, write_json
+from retrain.rundir import RunDir, assistant_turns, load_run, write_json
 from retrain.evaluate.gate import override_note
 from retrain.schemas.run_params import apply_params, check_run_policy, gate_overrides, parse_run_params
 from retrain.schemas.use_case import load_use_case
@@ -350,17 +350,7 @@ def candidate_spec(train_result: dict) -> dict:
 
 def _training_answers(run_dir: Path) -> list[str]:
     """The labelled answers of the run's train and validation splits (the assistant turns)."""
-    answers = []
-    for name in ("train", "val"):
-        path = RunDir(run_dir).split(name)
-        if path.is_file():
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        messages = json.loads(line).get("messages") or []
-                        if messages and messages[-1].get("role") == "assistant":
-                            answers.append(str(messages[-1].get("content", "")))
-    return answers
+    return [text for name in ("train", "val") for text in assistant_turns(RunDir(run_dir).split(name))]
 
 
 def _conversations(uc, inputs: list[str]) -> list[list[dict]]:
