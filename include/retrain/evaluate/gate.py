@@ -42,6 +42,19 @@ def override_note(o: dict) -> str:
     return f"threshold {o['threshold']} loosened from {o['floor']} to {o['value']} by {o['by']}: {o['reason']}"
 
 
+def summary_line(head: str, checks: list[dict], overrides: list[dict]) -> str:
+    """"GO: <head>; all N required checks passed" or "NO-GO: <head>; failed a, b — <first reason>", plus any
+    gate override (shared by the structured and the generation gate)."""
+    failed = [c for c in checks if c["required"] and not c["passed"]]
+    if failed:
+        summary = f"NO-GO: {head}; failed {', '.join(c['name'] for c in failed)} — {failed[0]['reason']}"
+    else:
+        summary = f"GO: {head}; all {sum(c['required'] for c in checks)} required checks passed"
+    if overrides:
+        summary += " (gate override: " + "; ".join(override_note(o) for o in overrides) + ")"
+    return summary
+
+
 def _slice_check(th, comparison: dict, baseline_kind: str, base_name: str) -> dict:
     """max_slice_regression: the candidate may not lose a slice of the test set (language, input length,
     evaluation.slices) by more than the threshold against the production model. Against the base model on a first
@@ -166,14 +179,8 @@ def decide(uc: UseCase, comparison: dict, *, baseline_kind: str, overrides: list
     head = f"{primary} accuracy {cand:.3f} vs {base:.3f} ({base_name})"
     if baseline_kind == "production" and prompted:
         head += f", prompted base model {prompted['primary_score']:.3f}"
-    if failed:
-        summary = f"NO-GO: {head}; failed {', '.join(c['name'] for c in failed)} — {failed[0]['reason']}"
-    else:
-        n_req = sum(c["required"] for c in checks)
-        summary = f"GO: {head}; all {n_req} required checks passed"
     overrides = [dict(o) for o in overrides or []]
-    if overrides:
-        summary += " (gate override: " + "; ".join(override_note(o) for o in overrides) + ")"
+    summary = summary_line(head, checks, overrides)
     return {
         "decision": decision,
         "use_case": uc.name,

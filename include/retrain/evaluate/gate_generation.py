@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from retrain.evaluate.gate import BASELINE_KINDS, _check, override_note
+from retrain.evaluate.gate import BASELINE_KINDS, _check, summary_line
 
 PRIMARY = "chrf"
 
@@ -153,13 +153,8 @@ def decide(rules: Any, comparison: dict, *, baseline_kind: str, judge: dict | No
         head = f"chrF {chrf['candidate']:.2f} vs {chrf['baseline']:.2f} ({base_name}){who}"
     else:
         head = f"chrF not measured ({base_name}){who}"
-    if failed:
-        summary = f"NO-GO: {head}; failed {', '.join(c['name'] for c in failed)} — {failed[0]['reason']}"
-    else:
-        summary = f"GO: {head}; all {sum(c['required'] for c in checks)} required checks passed"
     overrides = [dict(o) for o in overrides or []]
-    if overrides:
-        summary += " (gate override: " + "; ".join(override_note(o) for o in overrides) + ")"
+    summary = summary_line(head, checks, overrides)
     return {
         "decision": decision,
         "use_case": use_case,

@@ -32,7 +32,7 @@ CATEGORIES = (
     "ok",
 )
 INVALID, MISSING, OTHER = "(invalid)", "(missing)", "(other)"
-_MISSING = object()
+MISSING = object()
 # Enough to recognise an example in a report without making metrics.json as big as the test set.
 INPUT_EXCERPT = 400
 TEXT_EXCERPT = 1000
@@ -79,10 +79,10 @@ def parse_output(text: Any) -> tuple[dict | None, bool]:
     return None, False
 
 
-def _lookup(obj: Any, dotted: str) -> Any:
+def lookup(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         if not isinstance(obj, dict) or part not in obj:
-            return _MISSING
+            return MISSING
         obj = obj[part]
     return obj
 
@@ -112,7 +112,7 @@ def normalize(value: Any) -> str:
 
 
 def _present(value: Any) -> bool:
-    return value is not _MISSING and value is not None and value != ""
+    return value is not MISSING and value is not None and value != ""
 
 
 def _required_missing(schema: dict, obj: Any, prefix: str = "") -> list[str]:
@@ -147,15 +147,15 @@ def _score_one(uc: UseCase, validator, gold: dict, pred: dict) -> dict:
 
     correct = {}
     for field in uc.fields.labels:
-        got = _lookup(obj, field) if obj is not None else _MISSING
-        correct[field] = got is not _MISSING and _canonical(got) == _canonical(_lookup(gold, field))
+        got = lookup(obj, field) if obj is not None else MISSING
+        correct[field] = got is not MISSING and _canonical(got) == _canonical(lookup(gold, field))
 
     # Per field: tp (right value), wrong (different value: a miss and a false claim), miss (not predicted),
     # hallucinated (predicted but the gold answer has none), or absent from both.
     ent = {"tp": 0, "fp": 0, "fn": 0, "hallucinated": [], "wrong": [], "outcome": {}}
     for field in uc.fields.entities:
-        g = _lookup(gold, field)
-        p = _lookup(obj, field) if obj is not None else _MISSING
+        g = lookup(gold, field)
+        p = lookup(obj, field) if obj is not None else MISSING
         if _present(g) and _present(p):
             outcome = "tp" if normalize(g) == normalize(p) else "wrong"
         elif _present(g):
@@ -173,8 +173,8 @@ def _score_one(uc: UseCase, validator, gold: dict, pred: dict) -> dict:
 
     sets = {}
     for field in uc.fields.sets:
-        g = _lookup(gold, field)
-        p = _lookup(obj, field) if obj is not None else _MISSING
+        g = lookup(gold, field)
+        p = lookup(obj, field) if obj is not None else MISSING
         gs = {normalize(v) for v in g} if isinstance(g, list) else set()
         if isinstance(p, list):
             ps = {normalize(v) for v in p}
@@ -188,7 +188,7 @@ def _score_one(uc: UseCase, validator, gold: dict, pred: dict) -> dict:
     if obj is not None:
         missing = _required_missing(uc.output_schema, obj)
         for field in (*uc.fields.labels, *uc.fields.sets):
-            if _lookup(obj, field) is _MISSING and field not in missing:
+            if lookup(obj, field) is MISSING and field not in missing:
                 missing.append(field)
 
     if obj is None:
@@ -253,14 +253,14 @@ def _confusion(uc: UseCase, field: str, rows: list[dict]) -> dict:
     allowed_canonical = {_canonical(v) for v in uc.allowed_labels[field]}
     counts: Counter = Counter()
     for row in rows:
-        gold_value = _lookup(row["gold"], field)
-        gold = MISSING if gold_value is _MISSING else label_key(gold_value)
+        gold_value = lookup(row["gold"], field)
+        gold = MISSING if gold_value is MISSING else label_key(gold_value)
         obj = row["predicted"]
         if obj is None:
             pred = INVALID
         else:
-            value = _lookup(obj, field)
-            if value is _MISSING:
+            value = lookup(obj, field)
+            if value is MISSING:
                 pred = MISSING
             else:
                 pred = label_key(value) if _canonical(value) in allowed_canonical else OTHER

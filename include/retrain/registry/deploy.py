@@ -273,22 +273,24 @@ def rollback_deploy(conn, *, use_case: str, to_version: int | None = None, actor
 
 
 def run_rollback(use_case: str, *, to_version: int | None = None, reason: str, actor: str,
-                 run_id: str | None = None) -> dict:
-    """Entry point of the rollback_model DAG and `retrain rollback`: opens the database and rolls back."""
+                 run_id: str | None = None, model: str | None = None) -> dict:
+    """Entry point of the rollback_model DAG and `retrain rollback`: opens the database and rolls back. ``model``:
+    the registry key when it is not the use case's name (a tenant's adapter: retrain.registry.tenants.model_key)."""
     from retrain import db
     from retrain.schemas.use_case import load_use_case
 
     load_use_case(use_case)  # an unknown name fails here, listing the known use cases
+    model = model or use_case
     if len((reason or "").strip()) < MIN_REASON_CHARS:
         raise RegistryError(f"the rollback reason must be at least {MIN_REASON_CHARS} characters (it is what the "
                             f"history shows later): say what is wrong with the current model")
     with db.connection() as conn:
         db.ensure_schema(conn)
-        result = rollback_deploy(conn, use_case=use_case, to_version=to_version, actor=actor, reason=reason,
+        result = rollback_deploy(conn, use_case=model, to_version=to_version, actor=actor, reason=reason,
                                  run_id=run_id)
     if result["changed"]:
-        log.info("ROLLBACK %s: production is now v%s (was v%s), by %s: %s", use_case, result["version"],
+        log.info("ROLLBACK %s: production is now v%s (was v%s), by %s: %s", model, result["version"],
                  result["previous_version"], actor, reason)
     else:
-        log.info("ROLLBACK %s: v%s was already production; nothing changed", use_case, result["version"])
+        log.info("ROLLBACK %s: v%s was already production; nothing changed", model, result["version"])
     return result

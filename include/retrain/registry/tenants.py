@@ -17,13 +17,11 @@ as-is by ``retrain.registry.deploy``)::
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
 from retrain.registry.store import RegistryError
 
-log = logging.getLogger(__name__)
 
 SEPARATOR = "@"
 EXPORT_FILE = "EXPORT.json"
@@ -140,8 +138,7 @@ def run_rollback(use_case: str, tenant: str, *, to_version: int | None = None, r
                  run_id: str | None = None) -> dict:
     """`retrain rollback --use-case U --tenant T`: the tenant's production alias goes back one version (or to
     ``to_version``); the other tenants are untouched."""
-    from retrain import db
-    from retrain.registry.deploy import MIN_REASON_CHARS, rollback_deploy
+    from retrain.registry.deploy import run_rollback as rollback_model
     from retrain.schemas.use_case import load_use_case
 
     uc = load_use_case(use_case)  # an unknown name fails here, listing the known use cases
@@ -149,13 +146,5 @@ def run_rollback(use_case: str, tenant: str, *, to_version: int | None = None, r
         raise TenantError(f"use case {use_case} has no tenants (kind: {getattr(uc, 'kind', 'structured')}): "
                           "roll it back without --tenant")
     key = model_key(use_case, tenant)
-    if len((reason or "").strip()) < MIN_REASON_CHARS:
-        raise RegistryError(f"the rollback reason must be at least {MIN_REASON_CHARS} characters (it is what the "
-                            f"history shows later): say what is wrong with the current model")
-    with db.connection() as conn:
-        db.ensure_schema(conn)
-        result = rollback_deploy(conn, use_case=key, to_version=to_version, actor=actor, reason=reason,
-                                 run_id=run_id)
-    log.info("ROLLBACK %s: production is now v%s (was v%s), by %s: %s", key, result["version"],
-             result.get("previous_version"), actor, reason)
+    result = rollback_model(use_case, to_version=to_version, reason=reason, actor=actor, run_id=run_id, model=key)
     return result | {"tenant": tenant, "key": key}

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 REASONS = ("schema_failure", "disagreement", "low_margin")
 _WEIGHT = {"schema_failure": 2.0, "disagreement": 2.0}
 MARGIN_BATCH = 8  # teacher-forced forward passes per batch (logits of the last position only)
-_MISSING = object()
 
 
 # --- the rows to score ----------------------------------------------------------------------------------------
@@ -52,17 +51,9 @@ def sample_rows(rows: list[dict], limit: int) -> list[dict]:
 # --- judging one answer ---------------------------------------------------------------------------------------
 
 
-def lookup(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return _MISSING
-        obj = obj[part]
-    return obj
-
-
 def judge_answer(uc, validator, text: str | None) -> dict:
     """{"parsed", "schema_valid", "schema_error", "label" (primary label value or None)} of one answer."""
-    from retrain.evaluate.metrics import parse_output
+    from retrain.evaluate.metrics import MISSING, lookup, parse_output
 
     obj, strict = parse_output(text)
     error = None
@@ -75,9 +66,9 @@ def judge_answer(uc, validator, text: str | None) -> dict:
         if found is not None:
             where = "/".join(str(p) for p in found.absolute_path) or "(root)"
             error = f"{where}: {found.message[:200]}"
-    label = lookup(obj, uc.primary_label) if obj is not None else _MISSING
+    label = lookup(obj, uc.primary_label) if obj is not None else MISSING
     return {"parsed": obj, "schema_valid": error is None, "schema_error": error,
-            "has_label": label is not _MISSING, "label": None if label is _MISSING else label}
+            "has_label": label is not MISSING, "label": None if label is MISSING else label}
 
 
 def hardness(cand: dict, prod: dict, *, margin_below: float) -> tuple[float, list[str]]:
