@@ -188,6 +188,31 @@ def test_export_holds_the_adapter_and_an_ollama_modelfile_with_adapter(tiny_mode
                      run_id="r", system_prompt=SYSTEM)
 
 
+def test_export_merged_option_b_deploys_the_merged_model_next_to_the_adapter(tiny_model, random_adapter, tmp_path):
+    """tenants.export_merged (seed 003's option B): merged/ beside adapter/, the Modelfile says how to use it."""
+    from retrain.generation import _export_merged
+    from retrain.registry.tenants import write_export
+    from retrain.schemas.use_case import load_use_case
+
+    uc = load_use_case("email_voice")
+    assert _export_merged(uc) is False  # option A by default: adapters only
+    assert _export_merged(uc.model_copy(update={"tenants": uc.tenants.model_copy(update={"export_merged": True})}))
+    export = write_export(tmp_path / "export", adapter_dir=random_adapter, base_model=str(tiny_model),
+                          base_path=str(tiny_model), key="email_voice@bob", run_id="m1", system_prompt=SYSTEM,
+                          merged_dir=tiny_model)
+    assert (export / "merged" / "config.json").is_file() and (export / "adapter" / "adapter_config.json").is_file()
+    assert "FROM ./merged" in (export / "Modelfile").read_text()
+    assert json.loads((export / "EXPORT.json").read_text())["merged"] is True
+
+
+def test_export_merged_is_a_boolean_field_of_tenants():
+    from retrain.schemas.generation import TenantRules
+
+    assert TenantRules(export_merged=True).export_merged is True
+    with pytest.raises(ValueError, match="export_merged"):
+        TenantRules(export_merged="sometimes")
+
+
 def test_each_tenant_has_its_own_versions_alias_and_rollback(db_conn, tiny_model, random_adapter, tmp_path,
                                                              monkeypatch):
     from retrain.registry import deploy

@@ -150,6 +150,27 @@ def test_api_key_is_sent_and_never_leaks(serve, caplog):
         run_pairwise({"model": "judge-1"}, RUBRIC, *_pairs(1, candidate_marked=1))
 
 
+def test_a_refused_key_fails_without_retries_an_unreachable_judge_is_worth_a_retry(serve):
+    """A 401 fails the same on every try (the task fails at once); a judge that does not answer may come back."""
+    import socket
+
+    from retrain.errors import is_retry_futile, is_transient, is_user_error
+    from retrain.evaluate.judge import JudgeUnavailableError
+
+    _, cfg = serve(api_key="sk-right")
+    with pytest.raises(JudgeError) as refused:
+        run_pairwise({**cfg, "api_key": "sk-wrong"}, RUBRIC, *_pairs(1, candidate_marked=1))
+    assert not isinstance(refused.value, JudgeUnavailableError)
+    assert is_user_error(refused.value) and is_retry_futile(refused.value)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = {"model": "judge-1", "base_url": f"http://127.0.0.1:{port}/v1", "max_retries": 0, "timeout_s": 5}
+    with pytest.raises(JudgeUnavailableError, match="judge-1") as unreachable:
+        run_pairwise(down, RUBRIC, *_pairs(1, candidate_marked=1))
+    assert is_transient(unreachable.value) and not is_retry_futile(unreachable.value)
+
+
 def test_run_pairwise_rejects_misaligned_input(serve):
     _, cfg = serve()
     with pytest.raises(ValueError, match="pair up"):

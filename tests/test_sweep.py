@@ -191,6 +191,9 @@ def test_halving_trains_a_first_rung_continues_the_best_and_promotes_it(tiny_mod
     assert RunDir(planned[0]["run_dir"]).adapter.is_dir()
     md = rd.sweep_report_md.read_text()
     assert "| c2 | 0.003 | 0.900 |" in md and "**selected**" in md and "first rung" in md
+    # The scores that decided who continued are in the report, for the stopped candidates and the survivor.
+    assert "val score after rung 1" in md and "| first rung | 0.200 | not_selected |" in md
+    assert {r["name"]: r["rung1_score"] for r in report["candidates"]} == {"c1": 0.2, "c2": 0.9, "c3": 0.5}
     assert rd.sweep_plot.read_bytes()[:4] == b"\x89PNG"
     calls = len(score.calls)
     assert sweep.select(final, score)["winner"] == "c2" and len(score.calls) == calls  # a retry changes nothing

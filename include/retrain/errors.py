@@ -16,9 +16,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from retrain.s3 import S3ConfigError
     from retrain.settings import SettingsError
     from retrain.train.openai.job import OpenAIFineTuneError
+    from retrain.evaluate.attribution import AttributionError
+    from retrain.evaluate.judge import JudgeError
 
     return (ConfigError, TrainingSpecError, DatabaseError, DatasetError, RegistryError, BackupError, S3ConfigError,
-            SettingsError, OpenAIFineTuneError, FileNotFoundError)
+            SettingsError, OpenAIFineTuneError, AttributionError, JudgeError, FileNotFoundError)
 
 
 # Matched by name: great_expectations (validate.py) and Airflow are imported lazily, never here.
@@ -33,8 +35,9 @@ def is_transient(exc: BaseException) -> bool:
     """A user-facing error that may clear by itself (a database or S3 outage): worth the task's retries."""
     from retrain.db import DatabaseError
     from retrain.backup.operations import BackupUnavailableError
+    from retrain.evaluate.judge import JudgeUnavailableError
 
-    return isinstance(exc, (DatabaseError, BackupUnavailableError))
+    return isinstance(exc, (DatabaseError, BackupUnavailableError, JudgeUnavailableError))
 
 
 def is_retry_futile(exc: BaseException) -> bool:

@@ -175,7 +175,7 @@ def train_tenant(item: dict) -> dict:
 
 def _export_merged(uc) -> bool:
     """Deploy the merged model next to the adapter (seed 003's option B) when the use case asks for it."""
-    return bool(getattr(uc.tenants, "export_merged", False))
+    return uc.tenants.export_merged
 
 
 # --- evaluate -------------------------------------------------------------------------------------------------

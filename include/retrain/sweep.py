@@ -264,6 +264,8 @@ def _report(rd: RunDir, results: list[dict], score: Score) -> dict:
     final_scores = {name: scored(r["run_dir"], score).get("primary_score") for name, r in finals.items()}
     winner = survivors(final_scores, 1, {name: r.get("eval_loss") for name, r in finals.items()})[0]
     rung1_steps = (plan_data.get("rung1") or {}).get("steps_trained") or {}
+    # What decided who continued: every candidate's validation score after the first rung (halving only).
+    rung1_scores = (plan_data.get("rung1") or {}).get("scores") or {}
     table = []
     for c in plan_data["candidates"]:
         name = c["name"]
@@ -275,7 +277,7 @@ def _report(rd: RunDir, results: list[dict], score: Score) -> dict:
             "json_validity": metrics.get("json_validity"), "eval_loss": result.get("eval_loss"),
             "steps": result.get("steps"),
             "steps_trained": _steps_trained(rung1_steps.get(name, 0), finals[name] if name in finals else None),
-            "trained": "full" if name in finals else "first rung",
+            "trained": "full" if name in finals else "first rung", "rung1_score": rung1_scores.get(name),
             "status": "selected" if name == winner else "not_selected",
             "run_id": candidate_run_id(plan_data["run_id"], name), "run_dir": c["run_dir"],
             "backend": result.get("backend"), "base_model": result.get("base_model"),
@@ -336,8 +338,9 @@ def _slim(sub: RunDir) -> None:
 
 def report_markdown(report: dict) -> str:
     fields = list(report["space"])
+    halving = any(r.get("rung1_score") is not None for r in report["candidates"])
     head = ["candidate", *fields, "val primary score", "JSON validity", "eval loss", "steps trained", "trained",
-            "status"]
+            *(["val score after rung 1"] if halving else []), "status"]
     lines = [f"# Sweep of run {report['run_id']}", "",
              f"{report['method']} over {', '.join(fields)}; metric: {report['metric']}; winner: "
              f"**{report['winner']}**", "",
@@ -346,6 +349,7 @@ def report_markdown(report: dict) -> str:
         steps = "n/a" if r["steps_trained"] is None else str(r["steps_trained"])
         cells = [r["name"], *[str(r["values"].get(f)) for f in fields], _fmt(r["primary_score"]),
                  _fmt(r["json_validity"]), _fmt(r["eval_loss"]), steps, r["trained"],
+                 *([_fmt(r.get("rung1_score"))] if halving else []),
                  f"**{r['status']}**" if r["status"] == "selected" else r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     if report["optimizer_steps"] is not None:
@@ -366,6 +370,7 @@ def write_plot(table: list[dict], space: dict[str, list], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fields = list(space)
     fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.2), squeeze=False)
@@ -381,6 +386,9 @@ def write_plot(table: list[dict], space: dict[str, list], path: Path) -> Path:
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")
+            # Ticks at the swept values only, spelled as in the YAML: log-scale minor labels overlap.
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(sorted(set(values)), [f"{v:g}" for v in sorted(set(values))], fontsize=8)
         if not numeric:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set_xlabel(field)

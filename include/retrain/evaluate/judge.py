@@ -52,6 +52,11 @@ class JudgeError(RuntimeError):
     """The judge endpoint could not be used (the message names the model and endpoint, never the key)."""
 
 
+class JudgeUnavailableError(JudgeError):
+    """The endpoint did not answer, timed out, was rate-limited or failed on its side (HTTP 5xx): a retry may
+    clear it. A refused key, an unknown model or a bad request (other HTTP 4xx) is a plain JudgeError."""
+
+
 # --- settings --------------------------------------------------------------------------------------------------
 
 
@@ -154,8 +159,10 @@ def _ask(client, settings: Any, rubric: str, prompt: str, a: str, b: str) -> tup
                     pass
                 continue
             # Not chained: the openai exception carries the request, whose headers hold the key.
-            raise JudgeError(f"the judge model {model!r} at {_where(settings)} failed: {type(exc).__name__}"
-                             + (f" (HTTP {status})" if status else "")) from None
+            transient = status is None or status == 429 or status >= 500
+            raise (JudgeUnavailableError if transient else JudgeError)(
+                f"the judge model {model!r} at {_where(settings)} failed: {type(exc).__name__}"
+                + (f" (HTTP {status})" if status else "")) from None
         choice = resp.choices[0] if resp.choices else None
         verdict = parse_verdict(choice.message.content if choice and choice.message else None)
         if verdict is not None:

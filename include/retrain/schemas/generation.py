@@ -67,6 +67,10 @@ class TenantRules(_Strict):
                               "50 sent e-mails minimum)")
     recommended_examples: int = Field(
         200, ge=1, description="tenants between min_examples and this train with a warning in tenants.json")
+    export_merged: bool = Field(
+        False, description="also deploy each tenant's base with its adapter merged in, under merged/ next to "
+                           "adapter/ (seed 003's option B: one full model copy per tenant, ~270 MB for "
+                           "SmolLM2-135M in fp16; the default exports the adapter only, option A)")
 
     @field_validator("column")
     @classmethod
