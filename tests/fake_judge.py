@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fake_openai import send_json
+
 _REPLY = re.compile(r"\[Reply (A|B)\]\n(.*?)\n\[End of reply \1\]", re.DOTALL)
 
 
@@ -55,13 +57,7 @@ class FakeJudge:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _send(self, status: int, payload: dict):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            _send = send_json
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")

@@ -537,6 +537,16 @@ class FakeOpenAI:
         }
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
+    """Answer ``payload`` as JSON with ``status`` (the small fake servers in tests/ share it as their ``_send``)."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class RawBody(bytes):
     """A response body sent as-is (file content) instead of JSON."""
 
